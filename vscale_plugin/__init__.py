@@ -1,0 +1,23 @@
+"""vscale-plugin: V-scale and gradient-sink measurements for Hugging Face models trained with DeepSpeed.
+
+import vscale_plugin as vsp
+vsp.apply_vscale(model)          # arXiv 2603.17771, SPEC section 1
+"""
+
+from vscale_plugin.hf import REGISTRY, apply_vscale, from_pretrained, is_vscaled, remove_vscale
+from vscale_plugin.ops import VScale, phi, vscale_constant, vscale_values
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REGISTRY",
+    "VScale",
+    "__version__",
+    "apply_vscale",
+    "from_pretrained",
+    "is_vscaled",
+    "phi",
+    "remove_vscale",
+    "vscale_constant",
+    "vscale_values",
+]

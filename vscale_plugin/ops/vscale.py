@@ -1,0 +1,99 @@
+"""V-scale (arXiv 2603.17771; SPEC section 1): rescale every value vector by phi = r / (r + C).
+
+Pure PyTorch. The Hugging Face integration (``vscale_plugin.hf``) places :class:`VScale` right after
+``v_proj``; nothing here knows about models, attention kernels or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("learned", "fixed")
+DEFAULT_SIGMA = 0.02
+
+# ||v||^2 of a finite float32 vector can overflow to inf (||v|| > ~1.8e19). Clamping r keeps phi = 1 there
+# (its true limit) and the clamp's zero gradient keeps the backward pass finite.
+_R_MAX = 1e30
+_C_MIN = torch.finfo(torch.float32).tiny
+
+
+def vscale_constant(d_model: int, d_head: int, sigma: float = DEFAULT_SIGMA, lam: float = 1.0) -> float:
+    """C = d_model * d_head * sigma^2 * lambda  (SPEC 1): E||v||^2 at initialisation, times lambda."""
+    return d_model * d_head * sigma**2 * lam
+
+
+def phi(r: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """phi = r / (r + C)  (SPEC 1). ``r + C`` is kept above zero so that r = 0 gives phi = 0, never NaN."""
+    return r / (r + c).clamp_min(_C_MIN)
+
+
+def vscale_values(v: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """v_hat = phi(||v||^2, C) * v over the last dimension, computed in at least float32, returned in v's dtype.
+
+    ``v`` has shape ``(..., heads, d_head)``; ``c`` is a float or a float32 tensor broadcastable to
+    ``(..., heads, 1)`` (one C per head).
+    """
+    v32 = v.to(torch.promote_types(v.dtype, torch.float32))
+    r = v32.square().sum(-1, keepdim=True).clamp(max=_R_MAX)
+    return (v32 * phi(r, c)).to(v.dtype)
+
+
+class VScale(nn.Module):
+    """V-scale of one attention layer, acting on ``v_proj``'s output of shape ``(..., kv_heads * d_head)``.
+
+    lambda = exp(theta), theta of shape ``(kv_heads,)`` initialised to 0. ``mode="learned"`` (the paper's choice)
+    trains theta as a parameter; ``mode="fixed"`` keeps it a buffer at 0 (lambda = 1).
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        mode: str = "learned",
+        sigma: float = DEFAULT_SIGMA,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"V-scale mode {mode!r} is not one of {', '.join(MODES)}")
+        if not sigma > 0:
+            raise ValueError(f"V-scale sigma must be > 0 (the init std, 0.02 by default); got {sigma!r}")
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.hidden_size = hidden_size
+        self.mode = mode
+        self.sigma = float(sigma)
+        self.c_base = vscale_constant(hidden_size, head_dim, self.sigma)
+        theta = torch.zeros(num_kv_heads, device=device, dtype=dtype)
+        if mode == "learned":
+            self.theta = nn.Parameter(theta)
+        else:
+            # A frozen theta = 0 keeps both modes' state dicts alike, so loading a fixed-mode checkpoint without
+            # the plugin is reported (an unexpected key) instead of silently dropping V-scale.
+            self.register_buffer("theta", theta)
+
+    def reset_parameters(self) -> None:
+        """theta = 0 (lambda = 1), the paper's initialisation; used after materialising a meta-device model."""
+        with torch.no_grad():
+            self.theta.zero_()
+
+    def lam(self) -> torch.Tensor:
+        """lambda = exp(theta) per KV head, at least float32, shape ``(kv_heads,)``."""
+        return self.theta.to(torch.promote_types(self.theta.dtype, torch.float32)).exp()
+
+    def constant(self) -> torch.Tensor:
+        """C = C_base * lambda per KV head, shape ``(kv_heads, 1)``."""
+        return (self.c_base * self.lam()).unsqueeze(-1)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        heads = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return vscale_values(heads, self.constant()).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"hidden_size={self.hidden_size}, sigma={self.sigma}"
+        )
