@@ -1,0 +1,1 @@
+"""Helpers for the project's own tests (multi-rank runs through the real ``deepspeed`` launcher)."""

@@ -1,0 +1,102 @@
+"""Run a script on several ranks through the real ``deepspeed`` launcher, as users start training.
+
+Works without a GPU: DeepSpeed then picks its CPU accelerator (gloo / shm), one process per "GPU".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+_TAIL_CHARS = 6000
+_GRACE_S = 15
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it, so parallel runs do not collide)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deepspeed_executable() -> Path:
+    """The ``deepspeed`` launcher of the running interpreter's environment.
+
+    Taken from next to ``sys.executable`` rather than ``PATH`` so that the ranks run in the same virtual
+    environment as the test, whichever shell started it.
+    """
+    exe = Path(sys.executable).parent / "deepspeed"
+    if not exe.is_file():
+        raise FileNotFoundError(
+            f"no deepspeed launcher next to {sys.executable}; install deepspeed in this environment"
+        )
+    return exe
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= _TAIL_CHARS else "..." + text[-_TAIL_CHARS:]
+
+
+def _stop(popen: subprocess.Popen) -> tuple[str, str]:
+    """Stop the launcher and every rank; return what they printed."""
+    # SIGTERM first: the launcher then kills each rank's whole process tree, including compilers of a JIT build
+    # that sit in process groups of their own. SIGKILL of our group is the fallback for a launcher that hangs.
+    os.killpg(popen.pid, signal.SIGTERM)
+    try:
+        return popen.communicate(timeout=_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        return popen.communicate()
+
+
+def run_deepspeed(
+    script: str | Path,
+    *args: str | Path,
+    num_gpus: int = 2,
+    timeout: float = 600,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus N --master_port P script args`` and return the finished process.
+
+    ``env`` is laid over the current environment. stdout and stderr are captured as text. Raises AssertionError
+    with the tail of both when the launcher exits non-zero (it does when any rank fails).
+    """
+    cmd = [
+        str(deepspeed_executable()),
+        "--num_gpus",
+        str(num_gpus),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
+    full_env = dict(os.environ)
+    # DeepSpeed JIT-builds its CPU ops with the first `ninja` on PATH; two ninja versions (the venv's and the
+    # system's) discard each other's build logs and rebuild every time. The Makefile puts the venv first; so do we.
+    full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
+    if env:
+        full_env.update(env)
+    # A session of its own, so that a timeout can stop the ranks too, not only the launcher above them.
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True
+    ) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out, err = _stop(popen)
+            raise AssertionError(
+                f"{' '.join(cmd)} timed out after {timeout} s\n"
+                f"--- stdout ---\n{_tail(out)}\n--- stderr ---\n{_tail(err)}"
+            ) from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited with {proc.returncode}\n"
+            f"--- stdout ---\n{_tail(proc.stdout)}\n--- stderr ---\n{_tail(proc.stderr)}"
+        )
+    return proc
