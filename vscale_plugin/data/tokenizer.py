@@ -1,0 +1,163 @@
+"""Tokenizers: a SentencePiece ``.model`` or a Hugging Face tokenizer behind one small interface, never adding BOS.
+
+The paper packs documents with EOS as the only separator and no BOS, so :meth:`Tokenizer.encode` returns the
+bare text tokens and the packer appends EOS. ``--dataset smoke`` without ``--tokenizer`` gets a small
+SentencePiece model trained on the smoke corpus once and cached, so the smoke run needs no download.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vscale_plugin.data.errors import DataError
+from vscale_plugin.data.sources import smoke_documents
+
+PAPER_TOKENIZER = "gpt2"
+
+# The smoke corpus supports a unigram vocabulary of about 4.6k pieces; 4096 trains in about a second.
+# hard_vocab_limit=False keeps training from failing on a Python version whose help topics are a little smaller.
+_SMOKE_TRAINING = {
+    "model_type": "unigram",
+    "vocab_size": 4096,
+    "hard_vocab_limit": False,
+    "character_coverage": 1.0,
+    "byte_fallback": True,  # any text encodes, whatever characters the smoke corpus lacked
+    "unk_id": 0,
+    "eos_id": 1,
+    "bos_id": -1,  # no BOS piece exists, so none can appear
+    "pad_id": -1,
+    "num_threads": 2,
+    "minloglevel": 2,
+}
+
+
+class Tokenizer:
+    """Text to token ids, with the facts the packer and the model need: ``vocab_size`` and ``eos_id``."""
+
+    def __init__(
+        self, name: str, vocab_size: int, eos_id: int, encode_batch: Callable[[list[str]], list[list[int]]]
+    ) -> None:
+        if not 0 <= eos_id < vocab_size:
+            raise DataError(
+                f"tokenizer {name}: EOS id {eos_id} lies outside its vocabulary of {vocab_size}; use a tokenizer "
+                "with an EOS token"
+            )
+        self.name = name
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+        self._encode_batch = encode_batch
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS or EOS."""
+        return self._encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` for many texts in one call, which both backends run much faster than one by one."""
+        return self._encode_batch(list(texts))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def build_tokenizer(spec: str | None, dataset: str, cache_dir: Path) -> Tokenizer:
+    """The tokenizer for ``--tokenizer spec`` (``None``: the default for ``dataset``).
+
+    ``spec`` ending in ``.model``: a SentencePiece file; any other ``spec``: a Hugging Face tokenizer name or
+    directory, through ``transformers.AutoTokenizer``. Without ``spec``: for ``dataset == "smoke"`` a SentencePiece
+    model trained on the smoke corpus and cached in ``cache_dir`` (trained once, reused after); otherwise the
+    paper's GPT-2 tokenizer.
+    """
+    if spec is None:
+        if dataset == "smoke":
+            return _smoke_tokenizer(Path(cache_dir))
+        return _hugging_face(
+            PAPER_TOKENIZER, f"the paper's tokenizer {PAPER_TOKENIZER} (default for --dataset {dataset})"
+        )
+    if spec.endswith(".model"):
+        return _sentencepiece(Path(spec))
+    return _hugging_face(spec, f"--tokenizer {spec}")
+
+
+def _sentencepiece(path: Path, name: str | None = None) -> Tokenizer:
+    import sentencepiece
+
+    if not path.is_file():
+        raise DataError(f"--tokenizer {path}: no such SentencePiece model file; pass an existing .model file")
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise DataError(f"--tokenizer {path}: not a SentencePiece model ({err}); pass a .model file") from err
+    if processor.eos_id() < 0:
+        raise DataError(
+            f"--tokenizer {path}: the model has no EOS piece, which separates packed documents; train it with eos_id"
+        )
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        # add_bos/add_eos default to False here, whatever options the model was trained with.
+        return processor.encode(texts, out_type=int, add_bos=False, add_eos=False)
+
+    return Tokenizer(name or path.name, processor.get_piece_size(), processor.eos_id(), encode_batch)
+
+
+def _hugging_face(spec: str, label: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    local = Path(spec).expanduser()
+    if not local.exists() and spec.startswith((".", "/", "~")):
+        raise DataError(
+            f"{label}: no such directory; pass a directory with tokenizer files, a Hugging Face "
+            "tokenizer name (e.g. gpt2) or a SentencePiece .model file"
+        )
+    try:
+        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else spec)
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"{label}: cannot load this Hugging Face tokenizer ({str(err).splitlines()[0]}). Offline, "
+            f"download it once with network (`hf download {spec}`) or pass a local tokenizer directory or a "
+            "SentencePiece .model file with --tokenizer"
+        ) from err
+    if hf.eos_token_id is None:
+        raise DataError(f"{label}: has no EOS token, which separates packed documents; choose a tokenizer with one")
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        # add_special_tokens=False: no BOS (Llama-style tokenizers add one by default). verbose=False: documents
+        # longer than model_max_length are expected here, since packing cuts them into windows.
+        return hf(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+    return Tokenizer(spec, len(hf), hf.eos_token_id, encode_batch)
+
+
+def _smoke_tokenizer(cache_dir: Path) -> Tokenizer:
+    import sentencepiece
+
+    documents = smoke_documents()
+    digest = hashlib.sha256(repr(sorted(_SMOKE_TRAINING.items())).encode())
+    for document in documents:
+        digest.update(document.encode())
+    path = (
+        cache_dir
+        / f"smoke-{_SMOKE_TRAINING['model_type']}{_SMOKE_TRAINING['vocab_size']}-{digest.hexdigest()[:16]}.model"
+    )
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Ranks that start together wait for one of them to train; the others then read its file.
+        with open(cache_dir / f"{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                model = io.BytesIO()
+                lines = (line for document in documents for line in document.splitlines() if line.strip())
+                sentencepiece.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, **_SMOKE_TRAINING)
+                partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                partial.write_bytes(model.getvalue())
+                os.replace(partial, path)
+    except OSError as err:
+        raise DataError(
+            f"cannot write the smoke tokenizer to {cache_dir} ({err}); make that directory writable or pass "
+            "--tokenizer with an existing SentencePiece .model file"
+        ) from err
+    return _sentencepiece(path, name=f"smoke:{path.name}")
