@@ -1,0 +1,225 @@
+"""Bad input to ``launchers/pretrain.py`` (issue 3, item 9): each is a one-line ``error: ...`` naming the fix,
+exit code 2, no traceback, and nothing trained, checkpointed or logged to MLflow.
+
+Every case runs the real launcher file as a subprocess. Started as plain ``python`` it makes a one-process gloo
+group itself; one case goes through the real ``deepspeed`` launcher with 2 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vscale_plugin.testing.distributed import deepspeed_executable, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launchers" / "pretrain.py"
+ZERO2 = REPO / "ds_configs" / "zero2.json"
+TIMEOUT_S = 120
+# Variables of an enclosing launcher that would make the child join a process group that does not exist.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VSP_CACHE shared by the module's runs (the smoke tokenizer is trained once and cached there)."""
+    return tmp_path_factory.mktemp("vsp-cache")
+
+
+def _env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    # The venv's tools (ninja for DeepSpeed's JIT-built CPU ops) first, as the Makefile does.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        HF_HUB_OFFLINE="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        VSP_CACHE=str(cache_dir),
+    )
+    return env
+
+
+def _launch(tmp_path: Path, cache_dir: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(LAUNCHER), *map(str, args)],
+        cwd=tmp_path,
+        env=_env(tmp_path, cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def _describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, f"nothing on stderr\n{_describe(proc)}"
+    return lines[-1]
+
+
+def _assert_nothing_ran(proc: subprocess.CompletedProcess, tmp_path: Path) -> None:
+    output = proc.stdout + proc.stderr
+    assert "train:" not in output, f"training started\n{_describe(proc)}"
+    assert "stopped at step" not in output, f"training ran\n{_describe(proc)}"
+    assert not (tmp_path / "checkpoints").exists(), f"the default save dir was created\n{_describe(proc)}"
+    db = tmp_path / "mlflow.db"
+    if db.exists():
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{db}")
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiment_ids) if experiment_ids else []
+        assert not runs, f"an MLflow run was created: {[r.info.run_id for r in runs]}"
+
+
+def _assert_usage_error(proc: subprocess.CompletedProcess, tmp_path: Path, *names: str) -> str:
+    """Exit 2, last stderr line ``error: ...`` containing each of ``names``, no traceback, nothing ran."""
+    assert proc.returncode == 2, _describe(proc)
+    assert "Traceback" not in proc.stderr, _describe(proc)
+    line = _error_line(proc)
+    assert line.startswith("error:"), f"last stderr line is not an 'error:' line: {line!r}\n{_describe(proc)}"
+    for name in names:
+        assert name in line, f"{name!r} not in the error line {line!r}"
+    _assert_nothing_ran(proc, tmp_path)
+    return line
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+# ---- --ds_config ----
+
+
+def test_missing_ds_config_flag_exits_2_and_names_the_flag(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir)
+    _assert_usage_error(proc, tmp_path, "--ds_config", "ds_configs/zero2.json")
+
+
+def test_ds_config_that_does_not_exist_lists_the_available_configs(tmp_path: Path, cache_dir: Path) -> None:
+    missing = tmp_path / "nope.json"
+    proc = _launch(tmp_path, cache_dir, "--ds_config", missing)
+    line = _assert_usage_error(proc, tmp_path, str(missing), "no such file")
+    for name in ("zero1.json", "zero2.json", "zero3.json", "zero2_offload.json"):
+        assert f"ds_configs/{name}" in line, line
+
+
+def test_ds_config_with_invalid_json_exits_2_and_says_so(tmp_path: Path, cache_dir: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"train_batch_size": "auto",\n  "zero_optimization": {"stage": 2,,}\n}\n')
+    proc = _launch(tmp_path, cache_dir, "--ds_config", broken)
+    _assert_usage_error(proc, tmp_path, str(broken), "not valid JSON", "line 2", "ds_configs/zero2.json")
+
+
+def test_ds_config_micro_batch_conflicting_with_flag_suggests_auto(tmp_path: Path, cache_dir: Path) -> None:
+    config = json.loads(ZERO2.read_text())
+    config["train_micro_batch_size_per_gpu"] = 2
+    path = tmp_path / "fixed_micro.json"
+    path.write_text(json.dumps(config))
+    proc = _launch(tmp_path, cache_dir, "--ds_config", path, "--micro_batch", "4", "--global_batch", "8")
+    _assert_usage_error(proc, tmp_path, "train_micro_batch_size_per_gpu=2", "--micro_batch", "4", '"auto"')
+
+
+# ---- flags ----
+
+
+def test_unknown_preset_exits_2_and_lists_the_choices(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--preset", "huge")
+    _assert_usage_error(proc, tmp_path, "--preset", "huge", "smoke", "0.1B", "0.3B", "1B")
+
+
+def test_inconsistent_batch_settings_exit_2_and_suggest_a_global_batch(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--global_batch", "10", "--micro_batch", "4")
+    _assert_usage_error(proc, tmp_path, "--global_batch 10", "--micro_batch 4", "e.g. 8")
+
+
+# ---- data ----
+
+
+def test_missing_dataset_path_exits_2_and_names_the_path(tmp_path: Path, cache_dir: Path) -> None:
+    missing = tmp_path / "no-such-corpus.jsonl"
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--dataset", missing)
+    _assert_usage_error(proc, tmp_path, f"--dataset {missing}", "no such file", "--dataset smoke")
+
+
+# ---- --save_dir / --resume ----
+
+
+def test_unwritable_save_dir_exits_2_and_asks_for_a_writable_one(tmp_path: Path, cache_dir: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    save_dir = blocker / "ckpt"  # tests run as root, whom chmod does not stop; a regular file in the path does
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--save_dir", save_dir)
+    _assert_usage_error(proc, tmp_path, f"--save_dir {save_dir}", "not writable", "choose a directory")
+    assert blocker.read_text() == "not a directory\n"
+
+
+def test_resume_without_a_checkpoint_in_save_dir_exits_2(tmp_path: Path, cache_dir: Path) -> None:
+    save_dir = tmp_path / "empty-run"
+    save_dir.mkdir()
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--save_dir", save_dir, "--resume")
+    _assert_usage_error(proc, tmp_path, "--resume", str(save_dir), "no checkpoint", "without --resume")
+    assert list(save_dir.iterdir()) == []
+
+
+def test_resume_without_save_dir_exits_2_and_asks_for_it(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--resume")
+    _assert_usage_error(proc, tmp_path, "--resume", "--save_dir")
+
+
+def test_save_dir_holding_a_checkpoint_without_resume_exits_2_and_leaves_it_untouched(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    save_dir = tmp_path / "old-run"
+    (save_dir / "global_step12").mkdir(parents=True)
+    (save_dir / "latest").write_text("global_step12")
+    (save_dir / "global_step12" / "mp_rank_00_model_states.pt").write_bytes(b"\x00weights\xff" * 64)
+    (save_dir / "trainer_state.json").write_text('{"step": 12}')
+    before = _snapshot(save_dir)
+    entries_before = sorted(p.name for p in save_dir.rglob("*"))
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--save_dir", save_dir)
+    _assert_usage_error(proc, tmp_path, f"--save_dir {save_dir}", "already holds a checkpoint", "--resume")
+    assert _snapshot(save_dir) == before
+    assert sorted(p.name for p in save_dir.rglob("*")) == entries_before
+
+
+# ---- through the real deepspeed launcher ----
+
+
+@pytest.mark.distributed
+def test_missing_dataset_path_under_deepspeed_launcher_exits_2(tmp_path: Path, cache_dir: Path) -> None:
+    missing = tmp_path / "no-such-corpus.jsonl"
+    cmd = [
+        str(deepspeed_executable()),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(LAUNCHER),
+        "--ds_config",
+        str(ZERO2),
+        "--dataset",
+        str(missing),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=_env(tmp_path, cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        start_new_session=True,
+    )
+    assert proc.returncode == 2, _describe(proc)
+    assert "Traceback" not in proc.stderr, _describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors, f"no 'error:' line\n{_describe(proc)}"
+    assert all(f"--dataset {missing}" in line and "--dataset smoke" in line for line in errors), errors
+    _assert_nothing_ran(proc, tmp_path)

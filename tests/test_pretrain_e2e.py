@@ -1,0 +1,137 @@
+"""The launcher end to end: 2 ranks through the real `deepspeed` launcher on CPU, logged to a real `mlflow server`.
+
+Issue 3's "done when": a baseline and a V-scale smoke run in MLflow with falling loss and every training metric;
+12 steps + resume to 24 gives the same per-step losses as 24 straight steps, in ONE MLflow run, no step twice.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from vscale_plugin.testing.mlflow_server import MlflowServer
+
+from vscale_plugin.testing.distributed import run_deepspeed
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launchers" / "pretrain.py"
+ZERO2 = REPO / "ds_configs" / "zero2.json"
+TRAIN_KEYS = {"train/loss", "train/lr", "train/grad_norm", "eval/loss", "perf/tokens_per_s", "perf/step_s"}
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    """The server .ci/run started (VSP_TEST_MLFLOW_URI), or one of our own on 127.0.0.1."""
+    if os.environ.get("VSP_TEST_MLFLOW_URI"):
+        yield os.environ["VSP_TEST_MLFLOW_URI"]
+        return
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server.uri
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def env(tracking_uri, tmp_path_factory):
+    return {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "VSP_CACHE": str(tmp_path_factory.mktemp("cache")),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # two ranks on two cores
+    }
+
+
+def _train(env, save_dir, *flags):
+    return run_deepspeed(LAUNCHER, "--ds_config", ZERO2, "--save_dir", save_dir, "--experiment", "e2e", *flags,
+                         env=env, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(env, tmp_path_factory):
+    """Four launcher invocations shared by the tests: straight 24, 12 + resume, and a 12-step baseline."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ("--max_steps", "24", "--eval_every", "12", "--seed", "3")
+    straight = _train(env, root / "straight", *common, "--run_name", "straight")
+    first = _train(env, root / "resumed", *common, "--run_name", "resumed", "--stop_after_steps", "12")
+    second = _train(env, root / "resumed", *common, "--resume")
+    baseline = _train(env, root / "baseline", "--max_steps", "12", "--vscale", "off", "--run_name", "baseline")
+    return {"root": root, "straight": straight, "first": first, "second": second, "baseline": baseline}
+
+
+def _run(client: MlflowClient, name: str):
+    experiment = client.get_experiment_by_name("e2e")
+    found = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(found) == 1, f"{len(found)} runs named {name}"
+    return found[0]
+
+
+def _losses(client: MlflowClient, run) -> dict[int, float]:
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"duplicated steps: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+def test_vscale_and_baseline_runs_log_every_training_metric_and_loss_falls(runs, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    for name, steps, mode in (("straight", 24, "learned"), ("baseline", 12, "off")):
+        run = _run(client, name)
+        assert run.info.status == "FINISHED"
+        assert set(run.data.metrics) >= TRAIN_KEYS
+        assert run.data.tags["vscale"] == mode and run.data.tags["preset"] == "smoke"
+        assert run.data.params["vscale"] == mode
+        assert run.data.params["world_size"] == "2"
+        assert "model.hidden_size" in run.data.params and "deepspeed.zero_optimization.stage" in run.data.params
+        assert run.data.params["git_commit"] and run.data.params["package_version"]
+        losses = _losses(client, run)
+        assert sorted(losses) == list(range(1, steps + 1))
+        first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in range(steps - 2, steps + 1)) / 3
+        assert last < first - 0.3, (name, losses)
+
+
+def test_resume_continues_one_run_with_the_same_losses_as_a_straight_run(runs, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    straight = _losses(client, _run(client, "straight"))
+    resumed_run = _run(client, "resumed")
+    resumed = _losses(client, resumed_run)
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(1, 25):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+    assert resumed_run.info.status == "FINISHED"
+    lr = {m.step: m.value for m in client.get_metric_history(resumed_run.info.run_id, "train/lr")}
+    straight_lr = {m.step: m.value for m in client.get_metric_history(_run(client, "straight").info.run_id, "train/lr")}
+    assert lr == pytest.approx(straight_lr, rel=1e-9)
+
+
+def test_stop_after_steps_leaves_a_checkpoint_and_a_running_run(runs):
+    assert "stopped at step 12/24" in runs["first"].stdout
+    assert "stopped at step 24/24" in runs["second"].stdout
+    assert (runs["root"] / "resumed" / "step00000012").is_dir()
+    assert (runs["root"] / "resumed" / "latest").read_text().strip() == "step00000024"
+
+
+def test_progress_bar_only_on_rank_zero(runs):
+    out = runs["straight"].stdout + runs["straight"].stderr
+    assert out.count("MLflow: experiment 'e2e'") == 1
+    assert "train:" in out
+
+
+def test_training_goes_on_when_mlflow_is_unreachable(env, tmp_path):
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--ds_config", str(ZERO2), "--max_steps", "4", "--save_dir",
+         str(tmp_path / "ckpt"), "--experiment", "e2e"],
+        env={**os.environ, **env, "MLFLOW_TRACKING_URI": dead}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at step 4/4" in proc.stdout
+    assert (tmp_path / "ckpt" / "latest").is_file()
+    spooled = "".join(p.read_text() for p in (tmp_path / "ckpt" / "mlflow-spool").rglob("*") if p.is_file())
+    assert "train/loss" in spooled
+    assert proc.stderr.lower().count("unreachable") + proc.stderr.lower().count("not reachable") >= 1

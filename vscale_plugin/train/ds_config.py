@@ -1,0 +1,95 @@
+"""DeepSpeed configs: load one of ``ds_configs/*.json`` and fill its ``"auto"`` values from the launcher's flags."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+class ConfigError(ValueError):
+    """A bad --ds_config or batch setting; the message names the fix. The launcher exits 2 on it."""
+
+
+def _available() -> str:
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
+    return ", ".join(f"ds_configs/{n}" for n in names) or "none found next to the package"
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--ds_config {path}: no such file; available: {_available()}")
+    try:
+        config = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"--ds_config {path}: not valid JSON ({err.msg} at line {err.lineno}); fix it or use one of {_available()}"
+        ) from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"--ds_config {path}: expected a JSON object of DeepSpeed settings; see {_available()}")
+    return config
+
+
+def _resolve(config: dict, key: str, value: Any, flag: str) -> None:
+    """Fill ``config[key]`` when it is "auto" or absent; an explicit, different value is a conflict."""
+    current = config.get(key, "auto")
+    if current == "auto":
+        config[key] = value
+    elif current != value:
+        raise ConfigError(
+            f"the DeepSpeed config sets {key}={current!r} but the launcher resolved {flag} to {value!r}; "
+            f'set it to "auto" in the config (the launcher fills it) or pass {flag} {current}'
+        )
+
+
+def fill_ds_config(
+    config: dict[str, Any],
+    micro_batch: int,
+    global_batch: int,
+    world_size: int,
+    grad_clip: float,
+    bf16: bool,
+    pin_memory: bool,
+) -> dict[str, Any]:
+    """A copy of ``config`` with every "auto" resolved; batch sizes checked for consistency."""
+    if micro_batch < 1 or global_batch < 1:
+        raise ConfigError(f"--micro_batch ({micro_batch}) and --global_batch ({global_batch}) must be positive")
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"--global_batch {global_batch} is not a multiple of --micro_batch {micro_batch} x {world_size} ranks "
+            f"= {per_step}; choose a global batch that is (e.g. {max(per_step, global_batch // per_step * per_step)})"
+        )
+    filled = copy.deepcopy(config)
+    _resolve(filled, "train_micro_batch_size_per_gpu", micro_batch, "--micro_batch")
+    _resolve(
+        filled, "gradient_accumulation_steps", global_batch // per_step, "--global_batch / (--micro_batch x ranks)"
+    )
+    _resolve(filled, "train_batch_size", global_batch, "--global_batch")
+    _resolve(filled, "gradient_clipping", grad_clip, "the preset's clipping")
+    precision = filled.setdefault("bf16", {"enabled": "auto"})
+    if precision.get("enabled", "auto") == "auto":
+        precision["enabled"] = bf16
+    if filled.get("fp16", {}).get("enabled") == "auto":
+        filled["fp16"]["enabled"] = False
+    offload = filled.get("zero_optimization", {}).get("offload_optimizer")
+    if offload and not pin_memory:
+        offload["pin_memory"] = False  # pinned host memory needs a GPU
+    unfilled = list(_autos(filled))
+    if unfilled:
+        raise ConfigError(
+            f'the DeepSpeed config has "{unfilled[0]}": "auto", which the launcher does not fill; give a value'
+        )
+    return filled
+
+
+def _autos(config: Any, prefix: str = ""):
+    if isinstance(config, dict):
+        for k, v in config.items():
+            yield from _autos(v, f"{prefix}{k}.")
+    elif config == "auto":
+        yield prefix.rstrip(".")

@@ -1,0 +1,155 @@
+"""``deepspeed launchers/pretrain.py``: the training run from flags to MLflow."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import vscale_plugin
+from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
+from vscale_plugin.tracking import RunLogger, default_tracking_uri
+from vscale_plugin.train import trainer
+from vscale_plugin.train.cli import fail, parse_args
+from vscale_plugin.train.ds_config import ConfigError
+
+
+def _logger(setup: trainer.Setup, model, run_id: str | None) -> RunLogger:
+    args = setup.args
+    tags = {"vscale": args.vscale, "preset": args.preset if args.init_from is None else "init_from"}
+    logger = RunLogger(
+        experiment=args.experiment,
+        run_name=args.run_name,
+        run_id=run_id,
+        tracking_uri=default_tracking_uri(),
+        tags=tags,
+        spool_dir=setup.save_dir / "mlflow-spool",
+    )
+    if run_id is None:
+        logger.log_params(
+            {
+                "model": model.config.to_dict(),
+                "recipe": setup.preset.as_dict(),
+                "deepspeed": setup.ds_config,
+                "vscale": args.vscale,
+                "dataset": args.dataset,
+                "tokenizer": args.tokenizer or "default",
+                "init_from": args.init_from or "",
+                "world_size": setup.world_size,
+                "seed": args.seed,
+                "attn_implementation": args.attn_implementation,
+                "package_version": vscale_plugin.__version__,
+                "git_commit": trainer.git_commit(),
+            }
+        )
+    return logger
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ConfigError as err:
+        return fail(str(err))
+    rank, world_size = trainer.init_distributed()
+    try:
+        setup = trainer.prepare(args, rank, world_size)
+        tokenizer = trainer.rank0_first(build_tokenizer, args.tokenizer, args.dataset, trainer.TOKENIZER_CACHE)
+        data = PackedBatches(args.dataset, tokenizer, setup.preset.seq_len, setup.preset.micro_batch, rank=rank,
+                             world_size=world_size, seed=args.seed, split="train")  # fmt: skip
+        model = trainer.build_model(setup, tokenizer)
+    except (ConfigError, DataError) as err:
+        return fail(str(err))
+    engine, scheduler = trainer.build_engine(setup, model)
+    start_step, run_id = 0, None
+    if args.resume:
+        start_step, run_id = trainer.load_checkpoint(engine, setup, data)
+    logger = _logger(setup, model, run_id) if rank == 0 else None
+    if logger is not None:
+        uri = default_tracking_uri()
+        print(f"MLflow: experiment '{args.experiment}', run '{args.run_name}' in {uri}", flush=True)
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            print(f"  open it with: mlflow ui --backend-store-uri {uri}", flush=True)
+    finished = False
+    try:
+        finished = _train(engine, scheduler, setup, data, tokenizer, logger, start_step)
+    finally:
+        if logger is not None:
+            # A run stopped early stays RUNNING, so that --resume continues it.
+            logger.close(status="FINISHED" if finished else None)
+    return 0
+
+
+def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -> bool:
+    """Train up to --max_steps or --stop_after_steps; True when the run reached max_steps."""
+    args, preset = setup.args, setup.preset
+    accum = engine.gradient_accumulation_steps()
+    tokens_per_step = preset.global_batch * preset.seq_len
+    flops_per_token = trainer.count_flops_per_token(engine.module.config, preset.seq_len)
+    peak = trainer.peak_flops(setup.device)
+    eval_every = args.eval_every or max(1, preset.max_steps // 10)
+    skip_through = logger.last_logged_step() if logger is not None and args.resume else None
+    end = (
+        preset.max_steps if args.stop_after_steps is None else min(preset.max_steps, start_step + args.stop_after_steps)
+    )
+    progress = None
+    if setup.rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=preset.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr)  # fmt: skip
+    batches = iter(data)
+    step = start_step
+    warned = False
+    while step < end:
+        t0 = time.perf_counter()
+        losses = []
+        for _ in range(accum):
+            batch = next(batches).to(setup.device)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float().item())
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
+        step += 1
+        loss = trainer._mean_over_ranks(losses)
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics = {
+            "train/loss": loss,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "perf/step_s": step_s,
+            "perf/tokens_per_s": tokens_per_step / step_s,
+        }
+        if peak is not None:
+            metrics["perf/mfu"] = flops_per_token * tokens_per_step / step_s / (peak * setup.world_size)
+        if step % eval_every == 0 or step == preset.max_steps:
+            metrics["eval/loss"] = trainer.evaluate(engine, setup, tokenizer)
+        if not torch.isfinite(torch.tensor(loss)) and not warned and setup.rank == 0:
+            warnings.warn(f"train/loss is {loss} at step {step}", stacklevel=1)
+            warned = True
+        due = step % args.log_every == 0 or "eval/loss" in metrics or step == end
+        if logger is not None and due and (skip_through is None or step > skip_through):
+            logger.log_metrics(metrics, step=step)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}", refresh=False)
+        if args.save_every and step % args.save_every == 0 and step != end:
+            trainer.save_checkpoint(engine, setup, step, data, logger.run_id if logger else None)
+    if progress is not None:
+        progress.close()
+    run_id = logger.run_id if logger is not None else None
+    if step > start_step or not (Path(setup.save_dir) / "latest").is_file():
+        trainer.save_checkpoint(engine, setup, step, data, run_id)
+    if setup.rank == 0:
+        print(f"stopped at step {step}/{preset.max_steps}; checkpoint in {setup.save_dir}", flush=True)
+    return step >= preset.max_steps
+
+
+def main() -> None:
+    sys.exit(run())
