@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from vscale_plugin.testing.mlflow_server import MlflowServer
 
 from vscale_plugin.testing.distributed import run_deepspeed
+from vscale_plugin.testing.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -135,3 +135,30 @@ def test_training_goes_on_when_mlflow_is_unreachable(env, tmp_path):
     spooled = "".join(p.read_text() for p in (tmp_path / "ckpt" / "mlflow-spool").rglob("*") if p.is_file())
     assert "train/loss" in spooled
     assert proc.stderr.lower().count("unreachable") + proc.stderr.lower().count("not reachable") >= 1
+
+
+def test_init_from_continues_a_hugging_face_model_with_its_own_tokenizer(env, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vscale_plugin.testing.models import tiny_model
+
+    model_dir = tmp_path / "hf-model"
+    vocab = {**{f"w{i}": i for i in range(126)}, "[UNK]": 126, "</s>": 127}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="</s>").save_pretrained(model_dir)
+    tiny_model("mistral").save_pretrained(model_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--ds_config", str(ZERO2), "--init_from", str(model_dir), "--max_steps", "3",
+         "--save_dir", str(tmp_path / "ckpt"), "--experiment", "init", "--vscale", "fixed"],
+        env={**os.environ, **env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("init").experiment_id])
+    assert run.data.params["init_from"] == str(model_dir)
+    assert run.data.params["model.model_type"] == "mistral"
+    assert run.data.tags["preset"] == "init_from" and run.data.tags["vscale"] == "fixed"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3

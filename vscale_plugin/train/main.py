@@ -56,7 +56,8 @@ def run(argv: list[str] | None = None) -> int:
     rank, world_size = trainer.init_distributed()
     try:
         setup = trainer.prepare(args, rank, world_size)
-        tokenizer = trainer.rank0_first(build_tokenizer, args.tokenizer, args.dataset, trainer.TOKENIZER_CACHE)
+        spec = args.tokenizer or args.init_from  # a model to continue brings its own tokenizer
+        tokenizer = trainer.rank0_first(build_tokenizer, spec, args.dataset, trainer.TOKENIZER_CACHE)
         data = PackedBatches(args.dataset, tokenizer, setup.preset.seq_len, setup.preset.micro_batch, rank=rank,
                              world_size=world_size, seed=args.seed, split="train")  # fmt: skip
         model = trainer.build_model(setup, tokenizer)
