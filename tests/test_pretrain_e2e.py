@@ -162,3 +162,21 @@ def test_init_from_continues_a_hugging_face_model_with_its_own_tokenizer(env, tm
     assert run.data.params["model.model_type"] == "mistral"
     assert run.data.tags["preset"] == "init_from" and run.data.tags["vscale"] == "fixed"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "flags"),
+    [("zero1.json", ("--activation_checkpointing",)), ("zero3.json", ()), ("zero2_offload.json", ())],
+)
+def test_every_shipped_deepspeed_config_trains(env, tmp_path, config, flags):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_deepspeed(LAUNCHER, "--ds_config", REPO / "ds_configs" / config, "--max_steps", "3", "--save_dir",
+                         tmp_path / "ckpt", "--experiment", "configs", *flags,
+                         env={**env, "MLFLOW_TRACKING_URI": uri}, timeout=900)  # fmt: skip
+    assert "stopped at step 3/3" in proc.stdout
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("configs").experiment_id])
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) == 3 and all(0 < loss < 9 for loss in losses)
+    stage = {"zero1.json": "1", "zero3.json": "3", "zero2_offload.json": "2"}[config]
+    assert run.data.params["deepspeed.zero_optimization.stage"] == stage
