@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 import vscale_plugin as vsp
 from vscale_plugin.testing.models import tiny_model
