@@ -6,16 +6,19 @@ vsp.apply_vscale(model)          # arXiv 2603.17771, SPEC section 1
 
 from vscale_plugin.hf import REGISTRY, apply_vscale, from_pretrained, is_vscaled, remove_vscale
 from vscale_plugin.ops import VScale, phi, vscale_constant, vscale_values
+from vscale_plugin.stats import StatsCollector, measure
 
 __version__ = "0.1.0"
 
 __all__ = [
     "REGISTRY",
+    "StatsCollector",
     "VScale",
     "__version__",
     "apply_vscale",
     "from_pretrained",
     "is_vscaled",
+    "measure",
     "phi",
     "remove_vscale",
     "vscale_constant",

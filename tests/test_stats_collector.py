@@ -1,0 +1,171 @@
+"""StatsCollector behaviour in one process: idle cost, micro-batch combination, kernels, checkpointing, sinks."""
+
+import pytest
+import torch
+
+import vscale_plugin as vsp
+from vscale_plugin.stats import sinks
+from vscale_plugin.stats.collector import StatsCollector
+from vscale_plugin.testing.models import tiny_model
+
+
+def _ids(batch=4, t=48, seed=0):
+    return torch.randint(3, 128, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _model(attn="eager", vscale="learned", **overrides):
+    model = tiny_model("llama", attn_implementation=attn, **overrides)
+    if vscale != "off":
+        vsp.apply_vscale(model, mode=vscale)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "vscale" in name:
+                    p.copy_(torch.linspace(-1, 1, p.numel()))
+    return model
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _assert_same(actual, expected, rel=1e-5, abs_=1e-9):
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=rel, abs=abs_), key
+
+
+def test_idle_collector_installs_nothing_and_returns_empty():
+    model = _model()
+    collector = StatsCollector(model, every=10)
+    before = _hook_count(model)
+    with collector.capture(3):
+        assert _hook_count(model) == before
+        model(input_ids=_ids(), labels=_ids()).loss.backward()
+    assert collector.result() == {}
+    assert _hook_count(model) == before
+
+
+def test_capture_removes_its_hooks_afterwards():
+    model = _model()
+    before = _hook_count(model)
+    collector = StatsCollector(model, every=5)
+    with collector.capture(10):
+        assert _hook_count(model) > before
+        model(input_ids=_ids(), labels=_ids()).loss.backward()
+    assert _hook_count(model) == before
+    assert collector.result()["gs/ratio/L00"] > 0
+
+
+def test_two_scaled_micro_batches_equal_one_full_batch():
+    ids = _ids()
+    full = vsp.measure(_model(), ids)
+    model = _model()
+    collector = StatsCollector(model, every=1)
+    with collector.capture(0):
+        for half in (ids[:2], ids[2:]):
+            (model(input_ids=half, labels=half).loss / 2).backward()  # gradient accumulation's 1/2
+    _assert_same(collector.result(), full)
+
+
+def test_sdpa_and_eager_give_the_same_statistics():
+    ids = _ids()
+    _assert_same(vsp.measure(_model("sdpa"), ids), vsp.measure(_model("eager"), ids), rel=1e-4, abs_=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_does_not_count_recomputed_forwards(reentrant):
+    ids = _ids()
+    expected = vsp.measure(_model().train(), ids)
+    model = _model().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    _assert_same(vsp.measure(model, ids), expected, rel=1e-5, abs_=1e-8)
+
+
+def test_measure_leaves_existing_gradients_alone():
+    model = _model()
+    model(input_ids=_ids(seed=5), labels=_ids(seed=5)).loss.backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    vsp.measure(model, _ids())
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    fresh = _model()
+    vsp.measure(fresh, _ids())
+    assert all(p.grad is None for p in fresh.parameters())
+
+
+def test_baseline_has_no_vscale_keys_and_vscaled_has_lambda_per_kv_head():
+    base = vsp.measure(_model(vscale="off"), _ids())
+    assert not [k for k in base if k.startswith(("vscale/", "grad/vscale"))]
+    scaled = vsp.measure(_model(), _ids())
+    assert scaled["vscale/lambda/L00/H1"] == pytest.approx(torch.tensor(1.0).exp().item(), rel=1e-6)
+    assert 0 < scaled["vscale/phi/tok0/L00"] < 1 and 0 < scaled["vscale/phi/rest/L00"] < 1
+    assert "grad/vscale/L01" in scaled
+
+
+def test_non_finite_values_are_reported_and_warned_once_without_crashing():
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    collector = StatsCollector(model, every=1)
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        for step in range(2):
+            with collector.capture(step):
+                model(input_ids=_ids(), labels=_ids()).loss.backward()
+    assert len([w for w in record if "non-finite" in str(w.message)]) == 1
+    assert collector.result()["ma/mlp_out/tok0/L01"] != collector.result()["ma/mlp_out/tok0/L01"]  # NaN
+
+
+def _full_attention_column(q, k, scale, key_mask=None, window=None):
+    _, h, t, _ = q.shape
+    k = k.repeat_interleave(h // k.shape[1], dim=1)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    pos = torch.arange(t)
+    visible = pos[None, :] <= pos[:, None]
+    if window is not None:
+        visible &= pos[:, None] - pos[None, :] < window
+    mask = visible[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :].bool()
+    attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return attn[..., 0]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 7])
+def test_chunked_sink_column_matches_the_full_softmax(monkeypatch, kv_heads, window):
+    monkeypatch.setattr(sinks, "_CHUNK_ELEMENTS", 4 * 4 * 40 * 3)  # force several query chunks
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 40, 8, generator=g) * 2
+    k = torch.randn(3, kv_heads, 40, 8, generator=g) * 2
+    key_mask = torch.ones(3, 40, dtype=torch.long)
+    key_mask[1, 5:9] = 0
+    column = sinks.sink_column(q, k, 0.3, key_mask=key_mask, sliding_window=window)
+    torch.testing.assert_close(
+        column.double(), _full_attention_column(q, k, 0.3, key_mask, window), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_sink_sums_follow_the_definitions():
+    column = torch.zeros(2, 2, 70)
+    column[0, 0, :] = 0.5  # alpha = 0.5 > 0.3: a sink
+    column[1, 1, :64] = 0.2  # alpha = 0.2: not a sink
+    s = sinks.sink_sums(column)
+    assert s.tolist() == pytest.approx([1.0, 0.5 * 70 + 0.2 * 64, 0.25 * 70 + 0.04 * 64, 4.0])
+
+
+def test_statistics_run_without_building_a_t_by_t_tensor(monkeypatch):
+    # Any float32 tensor of batch x heads x T x T elements would exceed this cap; the chunked path never does.
+    seen = []
+    original = torch.matmul
+
+    def spy(a, b, *args, **kwargs):
+        out = original(a, b, *args, **kwargs)
+        seen.append(out.numel())
+        return out
+
+    model = _model(attn="sdpa", vscale="off")
+    t = 256
+    monkeypatch.setattr(sinks, "_CHUNK_ELEMENTS", 2 * 4 * t * 16)
+    monkeypatch.setattr(torch, "matmul", spy)
+    result = vsp.measure(model, _ids(batch=2, t=t))
+    assert seen and max(seen) <= 2 * 4 * 16 * t
+    assert 0 <= result["as/sink_rate/L00"] <= 1
