@@ -55,7 +55,8 @@ def runs(env, tmp_path_factory):
     """Four launcher invocations shared by the tests: straight 24, 12 + resume, and a 12-step baseline."""
     root = tmp_path_factory.mktemp("runs")
     common = ("--max_steps", "24", "--eval_every", "12", "--seed", "3")
-    straight = _train(env, root / "straight", *common, "--run_name", "straight")
+    # The straight run also measures the statistics: its losses must still equal the resumed run's.
+    straight = _train(env, root / "straight", *common, "--run_name", "straight", "--stats_every", "12")
     first = _train(env, root / "resumed", *common, "--run_name", "resumed", "--stop_after_steps", "12")
     second = _train(env, root / "resumed", *common, "--resume")
     baseline = _train(env, root / "baseline", "--max_steps", "12", "--vscale", "off", "--run_name", "baseline")
@@ -180,3 +181,30 @@ def test_every_shipped_deepspeed_config_trains(env, tmp_path, config, flags):
     assert len(losses) == 3 and all(0 < loss < 9 for loss in losses)
     stage = {"zero1.json": "1", "zero3.json": "3", "zero2_offload.json": "2"}[config]
     assert run.data.params["deepspeed.zero_optimization.stage"] == stage
+
+
+def _spec_keys(layers: int, kv_heads: int) -> set[str]:
+    """Every SPEC section 4 statistics key of a learned-V-scale model."""
+    keys = {"gs/ratio/median", "as/sink_rate/mean", "ma/h_out/tok0/max", "ma/mlp_out/tok0/max"}
+    for layer in range(layers):
+        tag = f"L{layer:02d}"
+        keys |= {f"as/{m}/{tag}" for m in ("sink_rate", "mass", "mass_sq")} | {f"gs/ratio/{tag}"}
+        keys |= {f"grad/{p}/{tag}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "vscale")}
+        keys |= {f"vscale/lambda/{tag}/H{h}" for h in range(kv_heads)}
+        for where in ("tok0", "rest"):
+            keys |= {f"ma/{p}/{where}/{tag}" for p in ("h_in", "h_half", "h_out", "attn_out", "mlp_out", "v")}
+            keys |= {f"gs/{p}/{where}/{tag}" for p in ("grad_in", "q", "k", "v")}
+            keys |= {f"gs/{r}_{b}/{where}/{tag}" for r in ("bloat", "compress", "change") for b in ("attn", "mlp")}
+            keys.add(f"vscale/phi/{where}/{tag}")
+    return keys
+
+
+def test_stats_every_logs_every_spec_key_and_the_profiles(runs, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    run = _run(client, "straight")
+    assert _spec_keys(layers=4, kv_heads=2) <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "gs/ratio/median")] == [12, 24]
+    artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "stats"))
+    assert artifacts == ["stats/profiles_step00000012.json", "stats/profiles_step00000024.json"]
+    baseline = _run(client, "baseline")
+    assert not any(k.startswith(("gs/", "as/", "ma/")) for k in baseline.data.metrics)

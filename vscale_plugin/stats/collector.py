@@ -79,7 +79,9 @@ class _Sums:
 
 def _unwrap(model_or_engine: Any) -> nn.Module:
     module = model_or_engine
-    while hasattr(module, "module") and isinstance(module.module, nn.Module) and not hasattr(module, "config"):
+    while isinstance(getattr(module, "module", None), nn.Module) and not hasattr(
+        getattr(module, "config", None), "model_type"
+    ):
         module = module.module  # DeepSpeedEngine, DistributedDataParallel
     return module
 

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation_checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--eval_every", type=int, default=None, help="steps between evaluations (default: 10 per run)")
     p.add_argument("--eval_batches", type=int, default=4, help="micro-batches per rank for eval/loss")
+    p.add_argument(
+        "--stats_every",
+        type=int,
+        default=0,
+        help="measure attention sinks, massive activations and gradient sinks every N steps (0: off)",
+    )
     p.add_argument("--save_dir", default=None, help="DeepSpeed checkpoints (default: checkpoints/<run_name>)")
     p.add_argument("--save_every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument(
@@ -93,10 +99,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.ds_config is None:
         raise UsageError("--ds_config is required; e.g. --ds_config ds_configs/zero2.json")
-    for flag in ("max_steps", "seq_len", "micro_batch", "global_batch", "warmup", "eval_batches", "log_every"):
+    for flag in (
+        "max_steps",
+        "seq_len",
+        "micro_batch",
+        "global_batch",
+        "warmup",
+        "eval_batches",
+        "log_every",
+        "stats_every",
+    ):
         value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "warmup" else 1):
-            raise UsageError(f"--{flag} {value}: must be {'>= 0' if flag == 'warmup' else '>= 1'}")
+        least = 0 if flag in ("warmup", "stats_every") else 1
+        if value is not None and value < least:
+            raise UsageError(f"--{flag} {value}: must be >= {least}")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UsageError(f"--stop_after_steps {args.stop_after_steps}: must be >= 1")
     if args.run_name is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 import time
 import warnings
@@ -11,6 +13,7 @@ import torch
 
 import vscale_plugin
 from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
+from vscale_plugin.stats import StatsCollector
 from vscale_plugin.tracking import RunLogger, default_tracking_uri
 from vscale_plugin.train import trainer
 from vscale_plugin.train.cli import fail, parse_args
@@ -83,6 +86,14 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _log_profiles(logger: RunLogger, save_dir: Path, step: int, profiles: dict) -> None:
+    """The per-position gradient norms the paper plots (positions 0..63, per layer), as a run artifact."""
+    path = Path(save_dir) / "stats" / f"profiles_step{step:08d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"step": step, **profiles}))
+    logger.log_artifact(path, artifact_path="stats")
+
+
 def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -> bool:
     """Train up to --max_steps or --stop_after_steps; True when the run reached max_steps."""
     args, preset = setup.args, setup.preset
@@ -102,17 +113,19 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
         progress = tqdm(total=preset.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0, file=sys.stderr)  # fmt: skip
     batches = iter(data)
+    collector = StatsCollector(engine, every=args.stats_every) if args.stats_every else None
     step = start_step
     warned = False
     while step < end:
         t0 = time.perf_counter()
         losses = []
-        for _ in range(accum):
-            batch = next(batches).to(setup.device)
-            loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float().item())
+        with collector.capture(step + 1) if collector is not None else contextlib.nullcontext():
+            for _ in range(accum):
+                batch = next(batches).to(setup.device)
+                loss = engine(input_ids=batch, labels=batch).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach().float().item())
         if setup.device.type == "cuda":
             torch.cuda.synchronize()
         step_s = time.perf_counter() - t0
@@ -131,10 +144,14 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
             metrics["perf/mfu"] = flops_per_token * tokens_per_step / step_s / (peak * setup.world_size)
         if step % eval_every == 0 or step == preset.max_steps:
             metrics["eval/loss"] = trainer.evaluate(engine, setup, tokenizer)
+        stats = collector.result() if collector is not None else {}
+        metrics.update(stats)
+        if stats and logger is not None and (skip_through is None or step > skip_through):
+            _log_profiles(logger, setup.save_dir, step, collector.profiles())
         if not torch.isfinite(torch.tensor(loss)) and not warned and setup.rank == 0:
             warnings.warn(f"train/loss is {loss} at step {step}", stacklevel=1)
             warned = True
-        due = step % args.log_every == 0 or "eval/loss" in metrics or step == end
+        due = step % args.log_every == 0 or "eval/loss" in metrics or bool(stats) or step == end
         if logger is not None and due and (skip_through is None or step > skip_through):
             logger.log_metrics(metrics, step=step)
         if progress is not None:
