@@ -265,6 +265,11 @@ def save_checkpoint(engine, setup: Setup, step: int, data: PackedBatches, run_id
     engine.save_checkpoint(str(setup.save_dir), tag=tag, client_state={"step": step, "mlflow_run_id": run_id})
     # Each rank reads its own data shard: its position and RNG are saved next to DeepSpeed's files.
     rank_dir = setup.save_dir / tag
+    if setup.rank == 0:
+        # What launchers/analyze.py needs to rebuild the model and its tokenizer from this directory.
+        engine.module.config.save_pretrained(setup.save_dir)
+        run = {"tokenizer": setup.args.tokenizer or setup.args.init_from, "dataset": setup.args.dataset}
+        (setup.save_dir / "vscale_run.json").write_text(json.dumps(run))
     (rank_dir / f"data_rank{setup.rank:05d}.json").write_text(json.dumps(data.state_dict()))
     torch.save(_rng_state(), rank_dir / f"rng_rank{setup.rank:05d}.pt")
     dist.barrier()

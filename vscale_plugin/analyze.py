@@ -1,0 +1,246 @@
+"""``launchers/analyze.py``: the gradient-sink statistics of an existing model, post hoc, as the paper analyses
+Qwen2.5, Llama-3.1 and GLM-4: one combined gradient over ``--batches`` batches, logged to MLflow, printed per layer.
+
+Models come from the hub or a local directory (``vsp.from_pretrained``, V-scale restored), or from a checkpoint of
+``launchers/pretrain.py`` (its ``--save_dir``). Under the ``deepspeed``/``torchrun`` launchers each rank reads different
+batches and the statistics are combined over ranks; with ``--ds_config`` a ZeRO-3 config partitions large models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import vscale_plugin
+from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
+from vscale_plugin.stats import StatsCollector
+from vscale_plugin.train import trainer
+from vscale_plugin.train.cli import UsageError, fail
+from vscale_plugin.train.ds_config import ConfigError, fill_ds_config, load_ds_config
+
+TABLE = (
+    ("sink", "as/sink_rate"),
+    ("mass", "as/mass"),
+    ("R_GS", "gs/ratio"),
+    ("|h_out| 0", "ma/h_out/tok0"),
+    ("|h_out| rest", "ma/h_out/rest"),
+    ("|mlp| 0", "ma/mlp_out/tok0"),
+    ("|v| 0", "ma/v/tok0"),
+    ("g_in 0", "gs/grad_in/tok0"),
+    ("g_in rest", "gs/grad_in/rest"),
+    ("g_v 0", "gs/v/tok0"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message}; see --help")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="launchers/analyze.py", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF model name or directory, or a launchers/pretrain.py --save_dir (DeepSpeed checkpoint)",
+    )
+    p.add_argument("--dataset", default="smoke", help="'smoke', 'c4' or a PATH, as for pretrain.py")
+    p.add_argument(
+        "--split",
+        default="eval",
+        choices=["eval", "train"],
+        help="eval: C4's validation split or the held-out slice of local data",
+    )
+    p.add_argument("--tokenizer", default=None, help="default: the model's own (or the checkpoint's run)")
+    p.add_argument("--batches", type=int, default=8, help="batches per rank, combined into one gradient")
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument(
+        "--ds_config",
+        "--deepspeed_config",
+        dest="ds_config",
+        default=None,
+        help="optional DeepSpeed config (ZeRO-3 partitions models too large for one device)",
+    )
+    p.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    p.add_argument("--experiment", default="vscale-plugin-analysis")
+    p.add_argument("--run_name", default=None)
+    p.add_argument("--out", default=None, help="also write the metrics and profiles as JSON here")
+    args = p.parse_args(argv)  # fmt: skip
+    for flag in ("batches", "batch_size", "seq_len"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if args.run_name is None:
+        args.run_name = f"analyze-{Path(args.model).name or args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+def _is_training_checkpoint(path: str) -> bool:
+    return (Path(path) / "latest").is_file() and (Path(path) / "config.json").is_file()
+
+
+def load_model(args: argparse.Namespace, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if _is_training_checkpoint(args.model):
+        # Consolidated on the host first; deepspeed.initialize partitions it afterwards under ZeRO-3.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        config = AutoConfig.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
+        settings = getattr(config, "vscale", None)
+        if settings:
+            vscale_plugin.apply_vscale(model, **settings)
+        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(args.model), strict=True)
+        return model.to(dtype)
+    keep = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)  # transformers loads straight into ZeRO-3 partitions while it lives
+    if not Path(args.model).exists() and args.model.startswith((".", "/")):
+        raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
+                         "launchers/pretrain.py --save_dir")  # fmt: skip
+    try:
+        model = vscale_plugin.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
+    except OSError as err:
+        raise UsageError(f"--model {args.model}: cannot be loaded ({str(err).splitlines()[0]}); give a local "
+                         "directory, or a hub name on a machine with network access") from err  # fmt: skip
+    del keep
+    return model
+
+
+def _tokenizer_spec(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(tokenizer spec, dataset the tokenizer default belongs to): a training checkpoint recorded its own."""
+    if args.tokenizer is not None:
+        return args.tokenizer, args.dataset
+    if _is_training_checkpoint(args.model):
+        recorded = json.loads((Path(args.model) / "vscale_run.json").read_text())
+        return recorded["tokenizer"], recorded["dataset"]
+    return args.model, args.dataset
+
+
+def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, Any]:
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
+    ds_config = None
+    if args.ds_config is not None:
+        ds_config = fill_ds_config(
+            load_ds_config(args.ds_config), micro_batch=args.batch_size, global_batch=args.batch_size * world_size *
+            args.batches, world_size=world_size, grad_clip=1.0, bf16=dtype == torch.bfloat16, pin_memory=gpu,
+        )  # fmt: skip
+    spec, tokenizer_dataset = _tokenizer_spec(args)
+    tokenizer = trainer.rank0_first(build_tokenizer, spec, tokenizer_dataset, trainer.TOKENIZER_CACHE)
+    if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
+        raise DataError(f"--dataset {args.dataset}: no such file or directory; use smoke, c4 or an existing path")
+    model = load_model(args, dtype, ds_config)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model has "
+            f"{model.config.vocab_size} embeddings; pass the model's tokenizer with --tokenizer"
+        )
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    target: Any = model.to(device) if ds_config is None else None
+    if ds_config is not None:
+        import deepspeed
+
+        # engine.backward needs an optimiser (one ZeRO supports); it never steps, so it allocates no state.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+        target, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    data = PackedBatches(args.dataset, tokenizer, args.seq_len, args.batch_size, rank=rank, world_size=world_size,
+                         seed=args.seed, split=args.split)  # fmt: skip
+    collector = StatsCollector(target, every=1)
+    batches = iter(data)
+    with collector.capture(0):
+        for _ in range(args.batches):
+            try:
+                batch = next(batches).to(device)
+            except StopIteration:
+                raise DataError(
+                    f"--dataset {args.dataset} ({args.split}) has fewer than --batches {args.batches} batches of "
+                    f"{args.batch_size} x {args.seq_len} tokens per rank; lower them"
+                ) from None
+            loss = target(input_ids=batch, labels=batch).loss
+            if ds_config is None:
+                (loss / args.batches).backward()  # the mean gradient over the batches, as accumulation would give
+            else:
+                target.backward(loss)  # the engine scales by 1/gradient_accumulation_steps itself
+    return {"metrics": collector.result(), "profiles": collector.profiles(), "model": model}
+
+
+def format_table(metrics: dict[str, float], layers: int) -> str:
+    header = ["layer", *[name for name, _ in TABLE]]
+    rows = [header]
+    for layer in range(layers):
+        tag = f"L{layer:02d}"
+        rows.append([tag, *[_fmt(metrics.get(f"{key}/{tag}")) for _, key in TABLE]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    summary = (
+        f"median R_GS {_fmt(metrics.get('gs/ratio/median'))}, "
+        f"mean sink rate {_fmt(metrics.get('as/sink_rate/mean'))}, "
+        f"max token-0 |h_out| {_fmt(metrics.get('ma/h_out/tok0/max'))}, "
+        f"|mlp_out| {_fmt(metrics.get('ma/mlp_out/tok0/max'))}"
+    )
+    return "\n".join([*lines, summary])
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ConfigError as err:
+        return fail(str(err))
+    rank, world_size = trainer.init_distributed()
+    try:
+        out = analyze(args, rank, world_size)
+    except (ConfigError, DataError) as err:
+        return fail(str(err))
+    metrics, profiles, model = out["metrics"], out["profiles"], out["model"]
+    if rank == 0:
+        print(format_table(metrics, model.config.num_hidden_layers), flush=True)
+        _log(args, metrics, profiles, model, world_size)
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world_size: int) -> None:
+    from vscale_plugin.tracking import RunLogger, default_tracking_uri
+
+    vscale = (getattr(model.config, "vscale", None) or {}).get("mode", "off")
+    logger = RunLogger(args.experiment, run_name=args.run_name, tracking_uri=default_tracking_uri(),
+                       tags={"analysis": "true", "vscale": vscale, "model": args.model},
+                       spool_dir=Path(args.out or ".") / "mlflow-spool")  # fmt: skip
+    logger.log_params({"model_name": args.model, "dataset": args.dataset, "split": args.split, "batches": args.batches,
+                       "batch_size": args.batch_size, "seq_len": args.seq_len, "world_size": world_size,
+                       "vscale": vscale, "package_version": vscale_plugin.__version__,
+                       "model": model.config.to_dict()})  # fmt: skip
+    logger.log_metrics(metrics, step=0)
+    out_dir = Path(args.out) if args.out else Path("analysis") / args.run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out_dir / "profiles.json").write_text(json.dumps(profiles))
+    logger.log_artifact(out_dir / "metrics.json", artifact_path="stats")
+    logger.log_artifact(out_dir / "profiles.json", artifact_path="stats")
+    logger.close()
+    print(f"MLflow: experiment '{args.experiment}', run '{args.run_name}' in {default_tracking_uri()}; JSON in "
+          f"{out_dir}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    sys.exit(run())
