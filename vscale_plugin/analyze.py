@@ -107,9 +107,6 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype, ds_config: dict | N
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(ds_config)  # transformers loads straight into ZeRO-3 partitions while it lives
-    if not Path(args.model).exists() and args.model.startswith((".", "/")):
-        raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
-                         "launchers/pretrain.py --save_dir")  # fmt: skip
     try:
         model = vscale_plugin.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
     except OSError as err:
@@ -138,6 +135,9 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
             load_ds_config(args.ds_config), micro_batch=args.batch_size, global_batch=args.batch_size * world_size *
             args.batches, world_size=world_size, grad_clip=1.0, bf16=dtype == torch.bfloat16, pin_memory=gpu,
         )  # fmt: skip
+    if not Path(args.model).exists() and args.model.startswith((".", "/")):
+        raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
+                         "launchers/pretrain.py --save_dir")  # fmt: skip
     spec, tokenizer_dataset = _tokenizer_spec(args)
     tokenizer = trainer.rank0_first(build_tokenizer, spec, tokenizer_dataset, trainer.TOKENIZER_CACHE)
     if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():

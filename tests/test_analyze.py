@@ -1,0 +1,86 @@
+"""launchers/analyze.py: post-hoc statistics of a saved model equal measure() on the same sequences."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import vscale_plugin as vsp
+from vscale_plugin.data import PackedBatches, build_tokenizer
+from vscale_plugin.testing.models import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+ANALYZE = REPO / "launchers" / "analyze.py"
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A V-scaled tiny Llama with its own word-level tokenizer, and a jsonl corpus in its vocabulary."""
+    root = tmp_path_factory.mktemp("analyze")
+    model_dir = root / "model"
+    vocab = {**{f"w{i}": i for i in range(126)}, "[UNK]": 126, "</s>": 127}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="</s>").save_pretrained(model_dir)
+    model = vsp.apply_vscale(tiny_model("llama"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vscale" in name:
+                p.copy_(torch.linspace(-1, 1, p.numel()))
+    model.save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(300):
+        words = torch.randint(0, 126, (int(torch.randint(10, 60, (1,), generator=g)),), generator=g)
+        lines.append(json.dumps({"text": " ".join(f"w{i}" for i in words.tolist())}))
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _analyze(saved, *flags):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{saved / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+           "VSP_CACHE": str(saved / "cache")}  # fmt: skip
+    return subprocess.run([sys.executable, str(ANALYZE), *map(str, flags)], cwd=saved, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def test_analyze_matches_measure_on_the_same_sequences_and_logs_to_mlflow(saved):
+    out = saved / "out"
+    proc = _analyze(saved, "--model", saved / "model", "--dataset", saved / "corpus.jsonl", "--batches", 2,
+                    "--batch_size", 2, "--seq_len", 48, "--out", out, "--run_name", "post-hoc")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "R_GS" in proc.stdout and "L01" in proc.stdout and "median R_GS" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    tokenizer = build_tokenizer(str(saved / "model"), str(saved / "corpus.jsonl"), saved / "cache")
+    data = iter(PackedBatches(str(saved / "corpus.jsonl"), tokenizer, 48, 2, split="eval"))
+    sequences = torch.cat([next(data), next(data)])
+    expected = vsp.measure(vsp.from_pretrained(saved / "model", attn_implementation="sdpa"), sequences)
+    assert set(metrics) == set(expected)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+    client = MlflowClient(f"sqlite:///{saved / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("vscale-plugin-analysis").experiment_id])
+    assert run.data.tags["analysis"] == "true" and run.data.tags["vscale"] == "learned"
+    assert run.data.metrics["gs/ratio/median"] == pytest.approx(expected["gs/ratio/median"], rel=1e-4)
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "stats")) == [
+        "stats/metrics.json",
+        "stats/profiles.json",
+    ]
+
+
+def test_analyze_missing_model_is_a_one_line_error(saved):
+    proc = _analyze(saved, "--model", saved / "nope", "--dataset", saved / "corpus.jsonl")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --model")
+    assert "Traceback" not in proc.stderr
