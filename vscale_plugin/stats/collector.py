@@ -179,23 +179,25 @@ class StatsCollector:
     # ---- hooks ----
 
     def _install(self) -> list[Any]:
-        handles = [self.model.register_forward_pre_hook(self._model_inputs, with_kwargs=True)]
+        # Pre-hooks go first (prepend): ZeRO-3's own pre-hooks swap module inputs for identity copies whose gradient
+        # misses the residual path; ours must see (and for the q/k/v paths, replace) the tensors that really flow.
+        handles = [self.model.register_forward_pre_hook(self._model_inputs, with_kwargs=True, prepend=True)]
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             handles += [
-                layer.block.register_forward_pre_hook(partial(self._block_in, i), with_kwargs=True),
+                layer.block.register_forward_pre_hook(partial(self._block_in, i), with_kwargs=True, prepend=True),
                 layer.block.register_forward_hook(partial(self._point_out, i, "h_out")),
                 layer.input_norm.register_forward_hook(partial(self._point_out, i, "h_tilde")),
-                attn.q_proj.register_forward_pre_hook(partial(self._path_in, i, "path_q")),
-                attn.k_proj.register_forward_pre_hook(partial(self._path_in, i, "path_k")),
-                attn.v_proj.register_forward_pre_hook(partial(self._path_in, i, "path_v")),
+                attn.q_proj.register_forward_pre_hook(partial(self._path_in, i, "path_q"), prepend=True),
+                attn.k_proj.register_forward_pre_hook(partial(self._path_in, i, "path_k"), prepend=True),
+                attn.v_proj.register_forward_pre_hook(partial(self._path_in, i, "path_v"), prepend=True),
                 attn.q_proj.register_forward_hook(partial(self._keep, i, "q")),
                 attn.k_proj.register_forward_hook(partial(self._keep, i, "k")),
                 # prepend: V-scale's own hook on v_proj must not have scaled v yet (SPEC: v before V-scale)
                 attn.v_proj.register_forward_hook(partial(self._value, i), prepend=True),
                 attn.o_proj.register_forward_hook(partial(self._point_out, i, "attn_out")),
                 attn.register_forward_hook(partial(self._attention, i), with_kwargs=True),
-                layer.post_norm.register_forward_pre_hook(partial(self._point_in, i, "h_half")),
+                layer.post_norm.register_forward_pre_hook(partial(self._point_in, i, "h_half"), prepend=True),
                 layer.post_norm.register_forward_hook(partial(self._point_out, i, "h_tilde_half")),
                 layer.mlp.register_forward_hook(partial(self._point_out, i, "mlp_out")),
             ]
