@@ -169,3 +169,15 @@ def test_statistics_run_without_building_a_t_by_t_tensor(monkeypatch):
     result = vsp.measure(model, _ids(batch=2, t=t))
     assert seen and max(seen) <= 2 * 4 * 16 * t
     assert 0 <= result["as/sink_rate/L00"] <= 1
+
+
+def test_bf16_autocast_statistics_are_finite_and_close_to_float32():
+    ids = _ids()
+    expected = vsp.measure(_model(attn="sdpa"), ids)
+    model = _model(attn="sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vsp.measure(model, ids)
+    assert set(got) == set(expected)
+    assert all(v == v and abs(v) != float("inf") for v in got.values())
+    for key in ("ma/h_out/tok0/L01", "ma/v/rest/L00", "as/mass/L00", "gs/grad_in/rest/L00", "vscale/phi/tok0/L00"):
+        assert got[key] == pytest.approx(expected[key], rel=0.05), key
