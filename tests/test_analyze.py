@@ -84,3 +84,21 @@ def test_analyze_missing_model_is_a_one_line_error(saved):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --model")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_analyze_under_zero3_on_two_ranks_equals_one_process(saved):
+    from vscale_plugin.testing.distributed import run_deepspeed
+
+    args = ("--model", saved / "model", "--dataset", saved / "corpus.jsonl", "--seq_len", 48)
+    single = _analyze(saved, *args, "--batches", 2, "--batch_size", 2, "--out", saved / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    # Each rank keeps every 2nd eval batch of 1 sequence: together the same 4 sequences as batches of 2 above.
+    run_deepspeed(ANALYZE, *args, "--batches", 2, "--batch_size", 1, "--ds_config", REPO / "ds_configs" / "zero3.json",
+                  "--out", saved / "zero3", env={"MLFLOW_TRACKING_URI": f"sqlite:///{saved / 'mlflow.db'}",
+                  "HF_HUB_OFFLINE": "1", "VSP_CACHE": str(saved / "cache"), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    one = json.loads((saved / "one" / "metrics.json").read_text())
+    zero3 = json.loads((saved / "zero3" / "metrics.json").read_text())
+    assert set(one) == set(zero3)
+    for key, value in one.items():
+        assert zero3[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key

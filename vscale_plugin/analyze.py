@@ -161,7 +161,7 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
     collector = StatsCollector(target, every=1)
     batches = iter(data)
     with collector.capture(0):
-        for _ in range(args.batches):
+        for index in range(args.batches):
             try:
                 batch = next(batches).to(device)
             except StopIteration:
@@ -173,7 +173,10 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
             if ds_config is None:
                 (loss / args.batches).backward()  # the mean gradient over the batches, as accumulation would give
             else:
-                target.backward(loss)  # the engine scales by 1/gradient_accumulation_steps itself
+                # The engine scales by 1/gradient_accumulation_steps itself. Its step() never runs here (no update),
+                # so the last batch is marked as the accumulation boundary, where gradients are reduced and read.
+                target.set_gradient_accumulation_boundary(index == args.batches - 1)
+                target.backward(loss)
     return {"metrics": collector.result(), "profiles": collector.profiles(), "model": model}
 
 
