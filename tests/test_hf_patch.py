@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import vscale_plugin as vsp
 from tests import reference
 from vscale_plugin.hf.registry import REGISTRY, attention_layers
-from vscale_plugin.testing.models import tiny_config, tiny_model
+from vscale_plugin.testing.models import randomise_theta, tiny_config, tiny_model
 
 torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -18,19 +18,9 @@ def _ids(batch=2, t=12, vocab=128, seed=1):
     return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
 
 
-def _randomise_theta(model, seed=2):
-    # theta = 0 is a special point (lambda = 1); spread it so that every head has its own C.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "vscale" in name:
-                p.copy_(torch.empty(p.shape).uniform_(-1.5, 1.5, generator=g))
-    return model
-
-
 def _vscaled(model_type="llama", attn="eager", mode="learned", **overrides):
     model = vsp.apply_vscale(tiny_model(model_type, attn_implementation=attn, **overrides), mode=mode)
-    return _randomise_theta(model) if mode == "learned" else model
+    return randomise_theta(model) if mode == "learned" else model
 
 
 def _loss_and_grads(model, ids):
@@ -239,7 +229,7 @@ def test_remove_restores_outputs_bitwise():
     ids = _ids()
     before_logits, before_grads = _loss_and_grads(model, ids)
     keys = list(model.state_dict())
-    _randomise_theta(vsp.apply_vscale(model))
+    randomise_theta(vsp.apply_vscale(model))
     assert not torch.equal(model(ids).logits, before_logits)
     vsp.remove_vscale(model)
     after_logits, after_grads = _loss_and_grads(model, ids)
@@ -340,7 +330,7 @@ def test_meta_device_model_is_patched_then_materialised(tmp_path):
 def test_patching_after_from_pretrained_of_a_plain_checkpoint(tmp_path):
     tiny_model("qwen2").save_pretrained(tmp_path)
     model = vsp.apply_vscale(AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager"))
-    _randomise_theta(model)
+    randomise_theta(model)
     model.save_pretrained(tmp_path / "vscaled")
     loaded = vsp.from_pretrained(tmp_path / "vscaled", attn_implementation="eager").eval()
     torch.testing.assert_close(loaded(_ids()).logits, model.eval()(_ids()).logits, rtol=1e-6, atol=1e-6)

@@ -7,13 +7,12 @@ tests below assert on it. The reference is ``vsp.measure`` of the same model on 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
-from vscale_plugin.testing.distributed import run_deepspeed
+from vscale_plugin.testing.distributed import run_worker_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -35,14 +34,7 @@ PREFIXES = ("as/", "ma/", "gs/", "grad/", "vscale/")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("stats_collector")
     # A cached run takes ~75 s; 600 s leaves room for a first run that JIT-compiles DeepSpeed's CPU ops.
-    run_deepspeed(WORKER, "--out", out, num_gpus=WORLD, timeout=600)
-    results = []
-    for rank in range(WORLD):
-        path = out / f"rank{rank}.json"
-        assert path.is_file(), f"rank {rank} wrote no results"
-        results.append(json.loads(path.read_text()))
-    assert [r["rank"] for r in results] == list(range(WORLD))
-    assert all(r["world_size"] == WORLD for r in results)
+    results = run_worker_ranks(WORKER, out, num_gpus=WORLD, timeout=600)
     assert results[0]["ids"] == results[1]["ids"], "the ranks did not start from the same batch"
     return results
 

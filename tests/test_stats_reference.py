@@ -16,7 +16,7 @@ import torch
 
 import vscale_plugin as vsp
 from tests import stats_reference as sr
-from vscale_plugin.testing.models import tiny_model
+from vscale_plugin.testing.models import randomise_theta, tiny_model
 
 torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -37,15 +37,6 @@ def _ids(batch=BATCH, t=SEQ, seed=1, bos=False):
     ids = torch.randint(1, VOCAB, (batch, t), generator=g)
     ids[:, 0] = 0  # a fixed BOS-like first token, never seen again in the sequence
     return ids
-
-
-def _randomise_theta(model, seed=2):
-    # theta = 0 is a special point (lambda = 1); spread it so that every head has its own C.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "vscale" in name:
-                p.copy_(torch.empty(p.shape).uniform_(-1.5, 1.5, generator=g))
 
 
 def _plant_sinks(model):
@@ -85,7 +76,7 @@ def _model(model_type="llama", kv_heads=2, mode="learned", sinks=False, layers=2
     if mode != "off":
         vsp.apply_vscale(model, mode=mode)
         if mode == "learned":
-            _randomise_theta(model)
+            randomise_theta(model)
     return model
 
 

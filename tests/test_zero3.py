@@ -6,14 +6,13 @@ checkpoint round trip, refusal after initialize) and writes what each rank saw t
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from vscale_plugin.testing.distributed import run_deepspeed
+from vscale_plugin.testing.distributed import run_worker_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -28,14 +27,7 @@ LR = 1e-2  # the worker's AdamW learning rate
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("zero3")
     # 600 s leaves room for a first run that JIT-compiles DeepSpeed's CPU ops; a cached run takes ~25 s.
-    run_deepspeed(WORKER, "--out", out, num_gpus=WORLD, timeout=600)
-    results = []
-    for rank in range(WORLD):
-        path = out / f"rank{rank}.json"
-        assert path.is_file(), f"rank {rank} wrote no results"
-        results.append(json.loads(path.read_text()))
-    assert [r["rank"] for r in results] == list(range(WORLD))
-    assert all(r["world_size"] == WORLD for r in results)
+    results = run_worker_ranks(WORKER, out, num_gpus=WORLD, timeout=600)
     return results
 
 

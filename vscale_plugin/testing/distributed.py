@@ -100,3 +100,19 @@ def run_deepspeed(
             f"--- stdout ---\n{_tail(proc.stdout)}\n--- stderr ---\n{_tail(proc.stderr)}"
         )
     return proc
+
+
+def run_worker_ranks(worker: str | Path, out: Path, num_gpus: int = 2, timeout: float = 600) -> list[dict]:
+    """Run a worker script on ``num_gpus`` ranks with ``--out out`` and return what each rank wrote to
+    ``out/rank{R}.json`` (a dict with at least ``rank`` and ``world_size``), in rank order."""
+    import json
+
+    run_deepspeed(worker, "--out", out, num_gpus=num_gpus, timeout=timeout)
+    results = []
+    for rank in range(num_gpus):
+        path = Path(out) / f"rank{rank}.json"
+        assert path.is_file(), f"rank {rank} wrote no results"
+        results.append(json.loads(path.read_text()))
+    assert [r["rank"] for r in results] == list(range(num_gpus))
+    assert all(r["world_size"] == num_gpus for r in results)
+    return results

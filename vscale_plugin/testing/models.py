@@ -49,3 +49,16 @@ def tiny_model(model_type: str = "llama", attn_implementation: str = "eager", se
     torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def randomise_theta(model, seed: int = 2, low: float = -1.5, high: float = 1.5):
+    """Spread every learned V-scale theta uniformly: theta = 0 (lambda = 1) is a special point, and tests want
+    every head to have its own C. Returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vscale" in name:
+                p.copy_(torch.empty(p.shape).uniform_(low, high, generator=g))
+    return model
