@@ -1,0 +1,118 @@
+"""``launchers/study.py``: the paper's paired experiment in one command - baseline and V-scale trained with the same
+seed, data and recipe through the real ``deepspeed`` launcher, then ``launchers/compare.py`` on the two runs.
+
+    python launchers/study.py --preset smoke --steps 150                      # CPU, a few minutes per run
+    python launchers/study.py --preset 0.1B --dataset c4 --num_gpus 8 -- --tokenizer gpt2 --save_every 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vscale_plugin.train.cli import UsageError, fail
+from vscale_plugin.train.recipe import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message}; see --help")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # everything after -- goes to both pretrain.py runs unchanged
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    p = _Parser(prog="launchers/study.py", description="Baseline vs V-scale, same seed and data, then the comparison.")
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of each run (default: the preset's)")
+    p.add_argument("--modes", default="off,learned", help="comma-separated --vscale modes; 'off' is the baseline")
+    p.add_argument("--dataset", default="smoke")
+    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--num_gpus", type=int, default=2, help="ranks per run (CPU ranks when there is no GPU)")
+    p.add_argument("--stats_every", type=int, default=None, help="default: 5 measurements per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: study-<preset>)")
+    p.add_argument("--out", default=None, help="directory for checkpoints and the report (default: studies/<name>)")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("off", "learned", "fixed")]
+    if unknown or len(modes) < 2 or "off" not in modes:
+        raise UsageError(f"--modes {args.modes}: give 'off' (the baseline) and at least one of learned, fixed")
+    args.modes = modes
+    steps = args.steps or PRESETS[args.preset].max_steps
+    if steps < 1:
+        raise UsageError(f"--steps {steps}: must be >= 1")
+    args.steps = steps
+    args.stats_every = args.stats_every or max(1, steps // 5)
+    args.experiment = args.experiment or f"study-{args.preset}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.name = f"{args.experiment}-{stamp}"
+    args.out = Path(args.out or Path("studies") / args.name)
+    if not Path(args.ds_config).is_file():
+        raise UsageError(f"--ds_config {args.ds_config}: no such file; see ds_configs/")
+    return args, extra
+
+
+def pretrain_command(args: argparse.Namespace, mode: str, extra: list[str]) -> list[str]:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    launcher = str(deepspeed) if deepspeed.is_file() else shutil.which("deepspeed") or "deepspeed"
+    return [
+        launcher, "--num_gpus", str(args.num_gpus), str(REPO / "launchers" / "pretrain.py"),
+        "--ds_config", str(args.ds_config), "--preset", args.preset, "--max_steps", str(args.steps),
+        "--vscale", mode, "--dataset", args.dataset, "--seed", str(args.seed), "--stats_every", str(args.stats_every),
+        "--experiment", args.experiment, "--run_name", f"{args.name}-{mode}", "--save_dir", str(args.out / mode),
+        *extra,
+    ]  # fmt: skip
+
+
+def _run_id(experiment: str, run_name: str) -> str:
+    from mlflow import MlflowClient
+
+    from vscale_plugin.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri())
+    found = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id], filter_string=f"attributes.run_name = '{run_name}'"
+    )
+    if not found:
+        raise UsageError(f"run {run_name} is not in MLflow experiment {experiment}; was the tracking store reachable?")
+    return found[0].info.run_id
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        args, extra = parse_args(argv)
+    except UsageError as err:
+        return fail(str(err))
+    run_ids = []
+    for mode in args.modes:
+        command = pretrain_command(args, mode, extra)
+        print(f"study: {' '.join(command)}", flush=True)
+        code = subprocess.call(command)
+        if code != 0:
+            fail(f"the {mode} run exited with {code}; see its output above; its files are in {args.out / mode}")
+            return code
+        try:
+            run_ids.append(_run_id(args.experiment, f"{args.name}-{mode}"))
+        except UsageError as err:
+            return fail(str(err))
+    compare = [sys.executable, str(REPO / "launchers" / "compare.py"), "--experiment", args.experiment,
+               "--runs", *run_ids, "--out", str(args.out / "report")]  # fmt: skip
+    print(f"study: {' '.join(compare)}", flush=True)
+    code = subprocess.call(compare)
+    if code == 0:
+        print(f"study: report in {args.out / 'report' / 'report.md'}", flush=True)
+    return code
+
+
+def main() -> None:
+    sys.exit(run())
