@@ -1,0 +1,131 @@
+"""What V-scale costs per training step: the same model with and without it, measured side by side.
+
+    python benchmarks/vscale_overhead.py --device cpu --quick          # 0.1B shapes, small batch, a few minutes
+    python benchmarks/vscale_overhead.py --device cuda --preset 0.3B     # bf16, sdpa
+
+Full training steps (forward, backward, AdamW step) of a baseline and a V-scale copy of one model, interleaved
+A/B/A/B after warm-up so that drifts in clock speed or load hit both alike; median step time of each, their ratio,
+tokens/s and peak memory. The last line printed is one JSON object (``ratio`` = V-scale / baseline step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import vscale_plugin as vsp
+from vscale_plugin.train.recipe import PRESETS, llama_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="0.1B")
+    p.add_argument("--quick", action="store_true", help="CPU-sized: batch 1 x 256 tokens, 6 timed steps per arm")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: preset micro batch)")
+    p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's context)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 20, 6 with --quick)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
+    p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or (1 if args.quick else preset.micro_batch)
+    args.seq_len = args.seq_len or (256 if args.quick else preset.seq_len)
+    args.steps = args.steps or (6 if args.quick else 20)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset = PRESETS[args.preset]
+    vocab = preset.vocab_size or 4096
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    config = llama_config(preset, vocab, eos_token_id=0)
+    baseline = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation, dtype=dtype)
+    vscaled = vsp.apply_vscale(copy.deepcopy(baseline))
+    arms = {}
+    for name, model in (("baseline", baseline), ("vscale", vscaled)):
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        arms[name] = {"model": model, "optimizer": optimizer, "times": [], "peak": 0}
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step(arm: dict, timed: bool) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        arm["model"](input_ids=ids, labels=ids).loss.backward()
+        arm["optimizer"].step()
+        arm["optimizer"].zero_grad(set_to_none=True)
+        _sync(device)
+        if timed:
+            arm["times"].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                arm["peak"] = max(arm["peak"], torch.cuda.max_memory_allocated(device))
+
+    for _ in range(args.warmup):
+        for arm in arms.values():
+            step(arm, timed=False)
+    for i in range(args.steps):
+        order = ("baseline", "vscale") if i % 2 == 0 else ("vscale", "baseline")  # A/B, then B/A
+        for name in order:
+            step(arms[name], timed=True)
+
+    tokens = args.batch * args.seq_len
+    medians = {name: statistics.median(arm["times"]) for name, arm in arms.items()}
+    result = {
+        "benchmark": "vscale_overhead",
+        "ratio": medians["vscale"] / medians["baseline"],
+        "median_step_s": medians,
+        "tokens_per_s": {name: tokens / t for name, t in medians.items()},
+        "peak_memory_mb": (
+            {name: arm["peak"] / 2**20 for name, arm in arms.items()}
+            if device.type == "cuda"
+            else {"process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        ),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "timed_steps_per_arm": args.steps,
+        "attn_implementation": args.attn_implementation,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for name in ("baseline", "vscale"):
+        print(f"{name:>9}: median step {medians[name]:.4f} s, {result['tokens_per_s'][name]:.0f} tokens/s", flush=True)
+    line = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
