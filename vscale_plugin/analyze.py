@@ -22,7 +22,7 @@ import vscale_plugin
 from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
 from vscale_plugin.stats import StatsCollector
 from vscale_plugin.train import trainer
-from vscale_plugin.train.cli import UsageError, fail
+from vscale_plugin.train.cli import OneLineParser, UsageError, fail
 from vscale_plugin.train.ds_config import ConfigError, fill_ds_config, load_ds_config
 
 TABLE = (
@@ -39,13 +39,8 @@ TABLE = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{message}; see --help")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="launchers/analyze.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="launchers/analyze.py", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
         required=True,

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from vscale_plugin.tracking import default_tracking_uri
-from vscale_plugin.train.cli import UsageError, fail
+from vscale_plugin.train.cli import OneLineParser, UsageError, fail
 from vscale_plugin.train.ds_config import ConfigError
 
 BASELINE = "off"
@@ -71,13 +71,8 @@ _LAMBDA_KEY = re.compile(r"^vscale/lambda/L(\d+)/H(\d+)$")
 _TAG_CHARS = re.compile(r"[^\w.\-/ :]")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 (via UsageError), not argparse's usage block
-        raise UsageError(f"{message}; see --help")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="launchers/compare.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="launchers/compare.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the runs; the comparison run goes there")
     p.add_argument(
         "--runs",

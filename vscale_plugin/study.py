@@ -14,15 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from vscale_plugin.train.cli import UsageError, fail
+from vscale_plugin.train.cli import OneLineParser, UsageError, fail
 from vscale_plugin.train.recipe import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{message}; see --help")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -31,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if "--" in argv:  # everything after -- goes to both pretrain.py runs unchanged
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = _Parser(prog="launchers/study.py", description="Baseline vs V-scale, same seed and data, then the comparison.")
+    p = OneLineParser(
+        prog="launchers/study.py", description="Baseline vs V-scale, same seed and data, then the comparison."
+    )
     p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of each run (default: the preset's)")
     p.add_argument("--modes", default="off,learned", help="comma-separated --vscale modes; 'off' is the baseline")

@@ -17,13 +17,16 @@ class UsageError(ConfigError):
     """A bad flag value; the message names the fix."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 (via UsageError), not argparse's usage block
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 (via UsageError and ``fail``), not a usage block.
+    Every launcher uses it."""
+
+    def error(self, message: str):
         raise UsageError(f"{message}; see --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="deepspeed launchers/pretrain.py",
         description="Pretrain a Llama model with or without V-scale under DeepSpeed, logged to MLflow.",
     )
