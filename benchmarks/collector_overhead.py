@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
+from benchmarks.common import emit, sync
 from vscale_plugin.stats.collector import StatsCollector
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
@@ -70,11 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
     return args
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _build(preset_name: str, seq_len: int, device: torch.device, dtype: torch.dtype, attn: str, **overrides):
@@ -135,7 +131,7 @@ def measure_memory(args: argparse.Namespace, device: torch.device, dtype: torch.
             for arm in ("normal", "capture"):
                 torch.cuda.reset_peak_memory_stats(device)
                 _step(model, optimizer, collector, ids.to(device), "none" if arm == "normal" else arm)
-                _sync(device)
+                sync(device)
                 peaks[arm] = torch.cuda.max_memory_allocated(device) / 2**20
             del model, optimizer, collector
             torch.cuda.empty_cache()
@@ -171,10 +167,10 @@ def measure_time(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
 
     def timed(arm: str) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         _step(model, optimizer, collector, ids, arm)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     for _ in range(args.warmup):
@@ -235,11 +231,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "wall_s": time.perf_counter() - t_start,
         "date": time.strftime("%Y-%m-%d"),
     }
-    line = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -29,19 +27,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
+from benchmarks.common import emit
 from vscale_plugin.data import PackedBatches, build_tokenizer
 from vscale_plugin.train.recipe import PRESETS, llama_config
+from vscale_plugin.train.trainer import TOKENIZER_CACHE
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared/data/c4-sample.jsonl"
-# Where the launcher caches the smoke tokenizer (vscale_plugin.train.trainer.TOKENIZER_CACHE).
-DEFAULT_CACHE = Path(os.environ.get("VSP_CACHE", Path.home() / ".cache" / "vscale_plugin"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=str(DEFAULT_DATASET), help="the C4 sample (or any path PackedBatches reads)")
     p.add_argument("--tokenizer", default=None, help="a build_tokenizer spec (default: the smoke SentencePiece model)")
-    p.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="where the smoke tokenizer is cached")
+    p.add_argument("--cache_dir", default=str(TOKENIZER_CACHE), help="where the smoke tokenizer is cached")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where training steps are timed")
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     p.add_argument("--quick", action="store_true", help="a few seconds of each: 2 s of pipeline, 3 training steps")
@@ -164,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    line = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

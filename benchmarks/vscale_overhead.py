@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import resource
 import statistics
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
+from benchmarks.common import emit, sync
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
 
@@ -49,11 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -76,12 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     def step(arm: dict, timed: bool) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         arm["model"](input_ids=ids, labels=ids).loss.backward()
         arm["optimizer"].step()
         arm["optimizer"].zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         if timed:
             arm["times"].append(time.perf_counter() - t0)
             if device.type == "cuda":
@@ -120,11 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name in ("baseline", "vscale"):
         print(f"{name:>9}: median step {medians[name]:.4f} s, {result['tokens_per_s'][name]:.0f} tokens/s", flush=True)
-    line = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
