@@ -130,7 +130,7 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
             torch.cuda.synchronize()
         step_s = time.perf_counter() - t0
         step += 1
-        loss = trainer._mean_over_ranks(losses)
+        loss = trainer.mean_over_ranks(losses)
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         metrics = {

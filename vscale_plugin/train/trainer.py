@@ -223,7 +223,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def _mean_over_ranks(values: list[float]) -> float:
+def mean_over_ranks(values: list[float]) -> float:
     t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
@@ -243,7 +243,7 @@ def evaluate(engine, setup: Setup, tokenizer) -> float:
             batch = batch.to(setup.device)
             losses.append(engine(input_ids=batch, labels=batch).loss.float().item())
     engine.train()
-    return _mean_over_ranks(losses) if losses else float("nan")
+    return mean_over_ranks(losses) if losses else float("nan")
 
 
 def _rng_state() -> dict[str, Any]:
