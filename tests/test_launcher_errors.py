@@ -190,6 +190,21 @@ def test_save_dir_holding_a_checkpoint_without_resume_exits_2_and_leaves_it_unto
     assert sorted(p.name for p in save_dir.rglob("*")) == entries_before
 
 
+@pytest.mark.parametrize("flags", [("--save_every", "5"), ("--resume",), ("--stop_after_steps", "3")])
+def test_no_checkpoint_with_a_checkpoint_flag_exits_2_and_names_both(tmp_path: Path, cache_dir: Path, flags) -> None:
+    save_dir = tmp_path / "run"
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--save_dir", save_dir, "--no_checkpoint", *flags)
+    _assert_usage_error(proc, tmp_path, "--no_checkpoint", flags[0])
+    assert not save_dir.exists()
+
+
+def test_tracking_store_mlflow_cannot_open_exits_2_before_training(tmp_path: Path, cache_dir: Path) -> None:
+    env = {**_env(tmp_path, cache_dir), "MLFLOW_TRACKING_URI": "bogus://nowhere"}
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--ds_config", str(ZERO2)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    _assert_usage_error(proc, tmp_path, "bogus://nowhere", "MLFLOW_TRACKING_URI", "sqlite:///")
+
+
 # ---- through the real deepspeed launcher ----
 
 

@@ -4,7 +4,9 @@ Issue 3's "done when": a baseline and a V-scale smoke run in MLflow with falling
 12 steps + resume to 24 gives the same per-step losses as 24 straight steps, in ONE MLflow run, no step twice.
 """
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +121,35 @@ def test_progress_bar_only_on_rank_zero(runs):
     out = runs["straight"].stdout + runs["straight"].stderr
     assert out.count("MLflow: experiment 'e2e'") == 1
     assert "train:" in out
+
+
+def test_train_summary_holds_the_median_of_the_logged_step_times(runs, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    for name, save_dir, steps in (("straight", "straight", range(1, 25)), ("resumed", "resumed", range(13, 25))):
+        summary = json.loads((runs["root"] / save_dir / "train_summary.json").read_text())
+        history = {m.step: m.value for m in client.get_metric_history(_run(client, name).info.run_id, "perf/step_s")}
+        skip = summary["warmup_steps_excluded"]
+        assert summary["steps_this_invocation"] == len(steps) and 0 < skip <= 5
+        expected = statistics.median(history[s] for s in list(steps)[skip:])
+        assert summary["median_step_s"] == pytest.approx(expected, rel=1e-9)
+        assert summary["median_tokens_per_s"] == pytest.approx(16 * 128 / expected, rel=1e-9)
+        assert summary["step"] == 24 and summary["world_size"] == 2 and summary["median_mfu"] is None
+        losses = _losses(client, _run(client, name))
+        assert summary["train_loss"] == pytest.approx(losses[24], rel=1e-6)
+
+
+def test_no_checkpoint_run_writes_a_summary_and_no_checkpoint(env, tmp_path):
+    save_dir = tmp_path / "throughput"
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--ds_config", str(ZERO2), "--max_steps", "4", "--save_dir", str(save_dir),
+         "--experiment", "e2e", "--no_checkpoint"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at step 4/4; no checkpoint" in proc.stdout
+    assert not (save_dir / "latest").exists() and not list(save_dir.glob("step*"))
+    summary = json.loads((save_dir / "train_summary.json").read_text())
+    assert summary["steps_this_invocation"] == 4 and summary["median_tokens_per_s"] > 0
 
 
 def test_training_goes_on_when_mlflow_is_unreachable(env, tmp_path):

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop cleanly (checkpoint saved) after K steps of this invocation, as a preemption would",
     )
+    p.add_argument(
+        "--no_checkpoint",
+        action="store_true",
+        help="write no checkpoint, not even at the end (throughput runs); such a run cannot be resumed",
+    )
     p.add_argument("--experiment", default="vscale-plugin", help="MLflow experiment")
     p.add_argument("--run_name", default=None, help="MLflow run name (default: <preset>-<vscale>-<time>)")
     p.add_argument("--log_every", type=int, default=1, help="steps between metric logs")
@@ -118,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UsageError(f"--{flag} {value}: must be >= {least}")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UsageError(f"--stop_after_steps {args.stop_after_steps}: must be >= 1")
+    if args.no_checkpoint:
+        clash = [f for f, on in (("--save_every", args.save_every), ("--resume", args.resume),
+                                 ("--stop_after_steps", args.stop_after_steps is not None)) if on]  # fmt: skip
+        if clash:
+            raise UsageError(f"--no_checkpoint writes no checkpoint, so {' and '.join(clash)} cannot be used with it; "
+                             "drop one of them")  # fmt: skip
     if args.run_name is None:
         args.run_name = (
             f"{args.preset if args.init_from is None else 'init'}-{args.vscale}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -14,7 +15,7 @@ import torch
 import vscale_plugin
 from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
 from vscale_plugin.stats import StatsCollector
-from vscale_plugin.tracking import RunLogger, default_tracking_uri
+from vscale_plugin.tracking import RunLogger, TrackingStoreError, check_tracking_store, default_tracking_uri
 from vscale_plugin.train import trainer
 from vscale_plugin.train.cli import fail, parse_args
 from vscale_plugin.train.ds_config import ConfigError
@@ -51,6 +52,13 @@ def _logger(setup: trainer.Setup, model, run_id: str | None) -> RunLogger:
     return logger
 
 
+def _check_tracking(uri: str) -> None:
+    try:
+        check_tracking_store(uri)
+    except TrackingStoreError as err:
+        raise ConfigError(str(err)) from err
+
+
 def run(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -58,6 +66,7 @@ def run(argv: list[str] | None = None) -> int:
         return fail(str(err))
     rank, world_size = trainer.init_distributed()
     try:
+        trainer.rank0_first(_check_tracking, default_tracking_uri())  # before anything is created on disk
         setup = trainer.prepare(args, rank, world_size)
         spec = args.tokenizer or args.init_from  # a model to continue brings its own tokenizer
         tokenizer = trainer.rank0_first(build_tokenizer, spec, args.dataset, trainer.TOKENIZER_CACHE)
@@ -116,6 +125,9 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
     collector = StatsCollector(engine, every=args.stats_every) if args.stats_every else None
     step = start_step
     warned = False
+    timings: list[tuple[float, float | None]] = []  # (step_s, mfu) of each step of this invocation
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(setup.device)
     while step < end:
         t0 = time.perf_counter()
         losses = []
@@ -142,6 +154,7 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
         }
         if peak is not None:
             metrics["perf/mfu"] = flops_per_token * tokens_per_step / step_s / (peak * setup.world_size)
+        timings.append((step_s, metrics.get("perf/mfu")))
         if step % eval_every == 0 or step == preset.max_steps:
             metrics["eval/loss"] = trainer.evaluate(engine, setup, tokenizer)
         stats = collector.result() if collector is not None else {}
@@ -162,11 +175,59 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
     if progress is not None:
         progress.close()
     run_id = logger.run_id if logger is not None else None
-    if step > start_step or not (Path(setup.save_dir) / "latest").is_file():
-        trainer.save_checkpoint(engine, setup, step, data, run_id)
     if setup.rank == 0:
-        print(f"stopped at step {step}/{preset.max_steps}; checkpoint in {setup.save_dir}", flush=True)
+        summary = _summary(setup, step, timings, tokens_per_step, metrics if timings else {})
+        (Path(setup.save_dir) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        if timings:
+            mfu = summary["median_mfu"]
+            print(f"median step {summary['median_step_s']:.4f} s, {summary['median_tokens_per_s']:.0f} tokens/s"
+                  + (f", MFU {mfu:.3f}" if mfu is not None else "") + f" (steps after the first "
+                  f"{summary['warmup_steps_excluded']}); summary in {setup.save_dir / 'train_summary.json'}",
+                  flush=True)  # fmt: skip
+    if args.no_checkpoint:
+        if setup.rank == 0:
+            print(f"stopped at step {step}/{preset.max_steps}; no checkpoint (--no_checkpoint)", flush=True)
+    else:
+        if step > start_step or not (Path(setup.save_dir) / "latest").is_file():
+            trainer.save_checkpoint(engine, setup, step, data, run_id)
+        if setup.rank == 0:
+            print(f"stopped at step {step}/{preset.max_steps}; checkpoint in {setup.save_dir}", flush=True)
     return step >= preset.max_steps
+
+
+def _summary(setup, step: int, timings: list, tokens_per_step: int, last: dict) -> dict:
+    """Throughput of this invocation, for benchmarks and for comparing runs: medians over its steps after the
+    first few (warm-up: allocator, kernel autotuning, compilation), peak GPU memory, final losses."""
+    skip = min(5, len(timings) // 3)
+    kept = timings[skip:]
+    step_s = statistics.median(t for t, _ in kept) if kept else None
+    mfus = [m for _, m in kept if m is not None]
+    preset = setup.preset
+    return {
+        "step": step,
+        "max_steps": preset.max_steps,
+        "steps_this_invocation": len(timings),
+        "warmup_steps_excluded": skip,
+        "median_step_s": step_s,
+        "median_tokens_per_s": tokens_per_step / step_s if step_s else None,
+        "median_mfu": statistics.median(mfus) if mfus else None,
+        "tokens_per_step": tokens_per_step,
+        "peak_memory_mb": (
+            torch.cuda.max_memory_allocated(setup.device) / 2**20 if setup.device.type == "cuda" else None
+        ),
+        "train_loss": last.get("train/loss"),
+        "eval_loss": last.get("eval/loss"),
+        "preset": preset.name,
+        "seq_len": preset.seq_len,
+        "micro_batch": preset.micro_batch,
+        "global_batch": preset.global_batch,
+        "world_size": setup.world_size,
+        "device": torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu",
+        "dtype": "bfloat16" if setup.ds_config["bf16"]["enabled"] else "float32",
+        "zero_stage": setup.ds_config.get("zero_optimization", {}).get("stage", 0),
+        "vscale": setup.args.vscale,
+        "attn_implementation": setup.args.attn_implementation,
+    }
 
 
 def main() -> None:
