@@ -8,6 +8,12 @@ logger.close()
 Depends on mlflow only (no torch, no DeepSpeed).
 """
 
-from vscale_plugin.tracking.mlflow_logger import RunLogger, default_tracking_uri, flatten_params
+from vscale_plugin.tracking.mlflow_logger import (
+    RunLogger,
+    TrackingStoreError,
+    check_tracking_store,
+    default_tracking_uri,
+    flatten_params,
+)
 
-__all__ = ["RunLogger", "default_tracking_uri", "flatten_params"]
+__all__ = ["RunLogger", "TrackingStoreError", "check_tracking_store", "default_tracking_uri", "flatten_params"]

@@ -66,6 +66,28 @@ def default_tracking_uri() -> str:
     return "sqlite:///" + (Path.cwd().resolve() / "mlflow.db").as_posix()
 
 
+class TrackingStoreError(ValueError):
+    """MLflow cannot open the configured tracking store at all (a bad URI or a backend this install lacks), as
+    opposed to a server that is merely unreachable, which the logger rides out by spooling."""
+
+
+def check_tracking_store(uri: str) -> None:
+    """Open the store behind ``uri`` as MLflow will; raise :class:`TrackingStoreError` naming the fix if it cannot.
+
+    Nothing is contacted for an http(s) URI (a server that is down is not an error here); a sqlite or file store is
+    created if missing.
+    """
+    try:
+        MlflowClient(uri)
+    except Exception as err:  # MLflow raises many kinds here (MlflowException, ImportError, OSError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrackingStoreError(
+            f"MLflow cannot open the tracking store {uri} ({type(err).__name__}: {first[:300]}); set "
+            "MLFLOW_TRACKING_URI to a store this MLflow supports, e.g. sqlite:///$PWD/mlflow.db (needs the full "
+            "mlflow package), http://HOST:PORT of an mlflow server, or file:///DIR with MLFLOW_ALLOW_FILE_STORE=true"
+        ) from err
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mappings become dotted keys (`model.hidden_size`); every value becomes its `str`."""
     flat: dict[str, str] = {}
