@@ -4,7 +4,7 @@ import vscale_plugin as vsp
 vsp.apply_vscale(model)          # arXiv 2603.17771, SPEC section 1
 """
 
-from vscale_plugin.hf import REGISTRY, apply_vscale, from_pretrained, is_vscaled, remove_vscale
+from vscale_plugin.hf import REGISTRY, apply_vscale, from_pretrained, is_vscaled, remove_vscale, set_vscale_kernel
 from vscale_plugin.ops import VScale, phi, vscale_constant, vscale_values
 from vscale_plugin.stats import StatsCollector, measure
 
@@ -21,6 +21,7 @@ __all__ = [
     "measure",
     "phi",
     "remove_vscale",
+    "set_vscale_kernel",
     "vscale_constant",
     "vscale_values",
 ]

@@ -1,6 +1,6 @@
 """Hugging Face integration: patch decoders with V-scale (knows nothing of DeepSpeed or MLflow)."""
 
-from vscale_plugin.hf.patch import apply_vscale, from_pretrained, is_vscaled, remove_vscale
+from vscale_plugin.hf.patch import apply_vscale, from_pretrained, is_vscaled, remove_vscale, set_vscale_kernel
 from vscale_plugin.hf.registry import REGISTRY, Architecture, attention_layers
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "from_pretrained",
     "is_vscaled",
     "remove_vscale",
+    "set_vscale_kernel",
 ]

@@ -1,4 +1,5 @@
-"""One-call V-scale for Hugging Face decoders: ``apply_vscale``, ``remove_vscale``, ``is_vscaled``, ``from_pretrained``.
+"""One-call V-scale for Hugging Face decoders: ``apply_vscale``, ``remove_vscale``, ``is_vscaled``, ``from_pretrained``,
+``set_vscale_kernel``.
 
 Each attention layer gets a :class:`~vscale_plugin.ops.VScale` submodule named ``vscale`` and a forward hook on
 ``v_proj`` that passes the projection's output through it. Values are therefore scaled per KV head, before the
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from vscale_plugin.hf.registry import architecture_of, attention_layers
-from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, VScale
+from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, VScale, check_kernel
 
 CONFIG_KEY = "vscale"
 
@@ -55,21 +56,25 @@ def is_vscaled(model: nn.Module) -> bool:
     return any(isinstance(getattr(m, CONFIG_KEY, None), VScale) for m in model.modules())
 
 
-def apply_vscale(model: nn.Module, mode: str = "learned", sigma: float = DEFAULT_SIGMA) -> nn.Module:
+def apply_vscale(
+    model: nn.Module, mode: str = "learned", sigma: float = DEFAULT_SIGMA, kernel: str = "eager"
+) -> nn.Module:
     """Apply V-scale to every attention layer of ``model`` in place and return it.
 
-    Idempotent for the same ``mode`` and ``sigma``. Call it before ``deepspeed.initialize`` so that theta reaches
-    the optimizer; under ``deepspeed.zero.Init`` the new theta is partitioned by ``deepspeed.initialize``.
+    Idempotent for the same ``mode`` and ``sigma``; applying them again with another ``kernel`` only switches the
+    kernel (see :func:`set_vscale_kernel`). Call it before ``deepspeed.initialize`` so that theta reaches the
+    optimizer; under ``deepspeed.zero.Init`` the new theta is partitioned by ``deepspeed.initialize``.
     """
     if mode not in MODES:
         raise ValueError(f"V-scale mode {mode!r} is not one of {', '.join(MODES)}")
+    check_kernel(kernel)
     _refuse_deepspeed_engine(model, "apply")
     architecture_of(model)
     config = model.config
     wanted = {"mode": mode, "sigma": float(sigma)}
     if is_vscaled(model):
         if getattr(config, CONFIG_KEY, None) == wanted:
-            return model
+            return set_vscale_kernel(model, kernel)
         raise ValueError(
             f"model already has V-scale {getattr(config, CONFIG_KEY, None)}; call vscale_plugin.remove_vscale(model) "
             f"before applying {wanted}"
@@ -87,10 +92,30 @@ def apply_vscale(model: nn.Module, mode: str = "learned", sigma: float = DEFAULT
             sigma=sigma,
             device=weight.device,
             dtype=weight.dtype,
+            kernel=kernel,
         )
         attn.add_module(CONFIG_KEY, vscale)
         v_proj.register_forward_hook(ValueHook(vscale))
     setattr(config, CONFIG_KEY, wanted)
+    return model
+
+
+def set_vscale_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Compute V-scale in ``model`` with ``kernel``: "eager" (the reference, default) or "compiled" (fused by
+    ``torch.compile``; falls back to eager with one warning where it cannot compile). Returns ``model``.
+
+    A runtime choice, never saved: the state dict and ``config.json`` stay the same and results agree up to float
+    rounding. No parameter is added or removed, so it may be called at any time, also after ``deepspeed.initialize``.
+    """
+    check_kernel(kernel)
+    modules = [m for m in model.modules() if isinstance(m, VScale)]
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no V-scale, so there is no kernel to set; "
+            f"call vscale_plugin.apply_vscale(model, kernel={kernel!r}) instead"
+        )
+    for module in modules:
+        module.kernel = kernel
     return model
 
 

@@ -1,5 +1,6 @@
 """V-scale math: pure PyTorch, no Hugging Face, no DeepSpeed."""
 
-from vscale_plugin.ops.vscale import MODES, VScale, phi, vscale_constant, vscale_values
+from vscale_plugin.ops.fused import compiled_vscale_values
+from vscale_plugin.ops.vscale import KERNELS, MODES, VScale, phi, vscale_constant, vscale_values
 
-__all__ = ["MODES", "VScale", "phi", "vscale_constant", "vscale_values"]
+__all__ = ["KERNELS", "MODES", "VScale", "compiled_vscale_values", "phi", "vscale_constant", "vscale_values"]

@@ -10,12 +10,20 @@ import torch
 from torch import nn
 
 MODES = ("learned", "fixed")
+KERNELS = ("eager", "compiled")  # how VScale computes: vscale_values as is, or fused by torch.compile (ops/fused.py)
 DEFAULT_SIGMA = 0.02
 
 # ||v||^2 of a finite float32 vector can overflow to inf (||v|| > ~1.8e19). Clamping r keeps phi = 1 there
 # (its true limit) and the clamp's zero gradient keeps the backward pass finite.
 _R_MAX = 1e30
 _C_MIN = torch.finfo(torch.float32).tiny
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` itself when it is one of :data:`KERNELS`; otherwise a ValueError naming them."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    return kernel
 
 
 def vscale_constant(d_model: int, d_head: int, sigma: float = DEFAULT_SIGMA, lam: float = 1.0) -> float:
@@ -44,6 +52,9 @@ class VScale(nn.Module):
 
     lambda = exp(theta), theta of shape ``(kv_heads,)`` initialised to 0. ``mode="learned"`` (the paper's choice)
     trains theta as a parameter; ``mode="fixed"`` keeps it a buffer at 0 (lambda = 1).
+
+    ``kernel`` ("eager" or "compiled", see :data:`KERNELS`) only chooses how the same values are computed; it is a
+    runtime choice, in neither the state dict nor the model config.
     """
 
     def __init__(
@@ -55,6 +66,7 @@ class VScale(nn.Module):
         sigma: float = DEFAULT_SIGMA,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        kernel: str = "eager",
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -66,6 +78,7 @@ class VScale(nn.Module):
         self.hidden_size = hidden_size
         self.mode = mode
         self.sigma = float(sigma)
+        self.kernel = kernel
         self.c_base = vscale_constant(hidden_size, head_dim, self.sigma)
         theta = torch.zeros(num_kv_heads, device=device, dtype=dtype)
         if mode == "learned":
@@ -74,6 +87,14 @@ class VScale(nn.Module):
             # A frozen theta = 0 keeps both modes' state dicts alike, so loading a fixed-mode checkpoint without
             # the plugin is reported (an unexpected key) instead of silently dropping V-scale.
             self.register_buffer("theta", theta)
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, kernel: str) -> None:
+        self._kernel = check_kernel(kernel)
 
     def reset_parameters(self) -> None:
         """theta = 0 (lambda = 1), the paper's initialisation; used after materialising a meta-device model."""
@@ -90,10 +111,14 @@ class VScale(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         heads = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self._kernel == "compiled":
+            from vscale_plugin.ops.fused import compiled_vscale_values  # fused.py imports this module
+
+            return compiled_vscale_values(heads, self.constant()).flatten(-2)
         return vscale_values(heads, self.constant()).flatten(-2)
 
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"hidden_size={self.hidden_size}, sigma={self.sigma}"
+            f"hidden_size={self.hidden_size}, sigma={self.sigma}, kernel={self._kernel}"
         )
