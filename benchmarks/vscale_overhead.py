@@ -5,7 +5,9 @@
 
 Full training steps (forward, backward, AdamW step) of a baseline and a V-scale copy of one model, interleaved
 A/B/A/B after warm-up so that drifts in clock speed or load hit both alike; median step time of each, their ratio,
-tokens/s and peak memory. The last line printed is one JSON object (``ratio`` = V-scale / baseline step time).
+tokens/s and peak memory. ``--kernels eager compiled`` adds an arm with the fused (torch.compile) V-scale kernel.
+The last line printed is one JSON object: ``ratio`` = V-scale / baseline step time for the first kernel,
+``ratios`` per kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import vscale_plugin as vsp
 from benchmarks.common import emit, sync
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
+ARM = {"eager": "vscale", "compiled": "vscale_compiled"}  # arm name of each V-scale kernel
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's context)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 20, 6 with --quick)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["eager", "compiled"],
+        default=["eager"],
+        help="V-scale kernels, one arm each against the same baseline (compiled: the fused torch.compile path)",
+    )
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
@@ -60,9 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = llama_config(preset, vocab, eos_token_id=0)
     baseline = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation, dtype=dtype)
-    vscaled = vsp.apply_vscale(copy.deepcopy(baseline))
+    models = {"baseline": baseline}
+    for kernel in args.kernels:
+        models[ARM[kernel]] = vsp.apply_vscale(copy.deepcopy(baseline), kernel=kernel)
     arms = {}
-    for name, model in (("baseline", baseline), ("vscale", vscaled)):
+    for name, model in models.items():
         model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         arms[name] = {"model": model, "optimizer": optimizer, "times": [], "peak": 0}
@@ -85,8 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.warmup):
         for arm in arms.values():
             step(arm, timed=False)
+    names = list(arms)
     for i in range(args.steps):
-        order = ("baseline", "vscale") if i % 2 == 0 else ("vscale", "baseline")  # A/B, then B/A
+        # A/B, then B/A (with more arms: rotated, so that each runs first, second, ... alike)
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             step(arms[name], timed=True)
 
@@ -94,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {name: statistics.median(arm["times"]) for name, arm in arms.items()}
     result = {
         "benchmark": "vscale_overhead",
-        "ratio": medians["vscale"] / medians["baseline"],
+        "ratio": medians[ARM[args.kernels[0]]] / medians["baseline"],
+        "ratios": {kernel: medians[ARM[kernel]] / medians["baseline"] for kernel in args.kernels},
         "median_step_s": medians,
         "tokens_per_s": {name: tokens / t for name, t in medians.items()},
         "peak_memory_mb": (
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    for name in ("baseline", "vscale"):
+    for name in arms:
         print(f"{name:>9}: median step {medians[name]:.4f} s, {result['tokens_per_s'][name]:.0f} tokens/s", flush=True)
     return emit(result, args.out)
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -21,3 +23,25 @@ def test_vscale_overhead_ends_with_one_json_object(tmp_path):
     assert last["ratio"] > 0 and last["timed_steps_per_arm"] == 2
     assert set(last["median_step_s"]) == {"baseline", "vscale"}
     assert last["tokens_per_s"]["baseline"] == 32 / last["median_step_s"]["baseline"]
+    assert last["ratios"] == {"eager": last["ratio"]}
+    assert last["ratio"] == last["median_step_s"]["vscale"] / last["median_step_s"]["baseline"]
+
+
+def test_launcher_vs_loop_trains_the_same_model_on_the_same_data_in_both(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**__import__("os").environ, "VSP_CACHE": str(tmp_path / "cache")}
+    env["PATH"] = str(Path(sys.executable).parent) + ":" + env.get("PATH", "")  # the deepspeed launcher
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "launcher_vs_loop.py"), "--device", "cpu", "--quick", "--steps", "4",
+         "--seq_len", "32", "--work_dir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == json.loads(out.read_text())
+    launcher, loop = last["launcher"], last["loop"]
+    assert last["ratio"] == launcher["median_tokens_per_s"] / loop["median_tokens_per_s"]
+    # Same seed, model, data, optimiser and schedule: the last training loss agrees (float32 on CPU).
+    assert launcher["train_loss"] == pytest.approx(loop["train_loss"], rel=1e-4)
+    assert launcher["steps_this_invocation"] == 4 and launcher["tokens_per_step"] == 32
+    assert not list((tmp_path / "work" / "launcher").glob("step*"))  # --no_checkpoint

@@ -24,6 +24,10 @@ def test_collector_overhead_ends_with_one_json_object(tmp_path):
     assert all(t > 0 for t in last["median_step_s"].values())
     assert last["ratio_idle"] > 0 and last["ratio_capture"] > 0
     assert set(last["amortised"]) == {"10", "100", "1000"} and all(r > 0 for r in last["amortised"].values())
+    none = last["median_step_s"]["none"]
+    assert 0 < last["idle_call_s"] < none
+    assert last["ratio_idle_direct"] == (none + last["idle_call_s"]) / none
+    assert set(last["paired_ratio"]) == {"idle", "capture"} and set(last["amortised_direct"]) == {"10", "100", "1000"}
     assert set(last["memory"]) == {"128", "256"}
     for cell in last["memory"].values():
         assert cell["normal_mb"] > 0 and cell["capture_mb"] > 0 and cell["ratio"] > 0

@@ -6,6 +6,7 @@ Works without a GPU: DeepSpeed then picks its CPU accelerator (gloo / shm), one 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,11 +32,15 @@ def deepspeed_executable() -> Path:
     environment as the test, whichever shell started it.
     """
     exe = Path(sys.executable).parent / "deepspeed"
-    if not exe.is_file():
+    if exe.is_file():
+        return exe
+    # pip install --target DIR (wheels carried to an offline host) puts it in DIR/bin, which PATH then names
+    found = shutil.which("deepspeed")
+    if found is None:
         raise FileNotFoundError(
-            f"no deepspeed launcher next to {sys.executable}; install deepspeed in this environment"
+            f"no deepspeed launcher next to {sys.executable} or on PATH; install deepspeed in this environment"
         )
-    return exe
+    return Path(found)
 
 
 def _tail(text: str) -> str:

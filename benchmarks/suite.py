@@ -1,0 +1,200 @@
+"""All benchmarks in one run on one device, within a time budget: JSON results and a table printed last.
+
+    bash benchmarks/gpu_suite.sh                                   # the GPU suite (installs carried wheels first)
+    python benchmarks/suite.py --device cuda --out results/gpu     # the same, dependencies already installed
+    python benchmarks/suite.py --device cpu --quick                # a trial of the whole flow on CPU, tiny shapes
+
+For each preset (0.1B, 0.3B, 1B by default), in this order so that the most important numbers come first:
+``vscale_overhead.py`` (V-scale vs baseline step time, eager and, with ``--kernels``, the fused kernel),
+``launcher_vs_loop.py`` (``--launcher_steps`` steps of the real launcher with ZeRO-2: tokens/s, MFU, against a plain
+PyTorch loop), ``collector_overhead.py`` (idle/capture/amortised, capture-step memory at T = 1k/2k/4k) and
+``data_throughput.py`` (the launcher's pipeline against the launcher's measured tokens/s). Each runs as its own
+process with a timeout that keeps the whole suite inside ``--budget_s``; what the budget cannot fit is reported as
+skipped, never silently dropped. Every result is a JSON file in ``--out``, with ``suite.json`` indexing them; the
+exit code is 0 only when every step succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+C4_SAMPLE = REPO.parent / "shared" / "data" / "c4-sample.jsonl"
+KERNELS = ("eager", "compiled")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--presets", nargs="+", default=None, help="default: 0.1B 0.3B 1B (smoke with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few steps: checks the flow, not the speed")
+    p.add_argument("--budget_s", type=float, default=450, help="wall-clock budget of the whole suite")
+    p.add_argument("--launcher_steps", type=int, default=None, help="launcher and loop steps (default 30, 6 quick)")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="V-scale kernels to time")
+    p.add_argument("--dataset", default=None, help="data_throughput's corpus (default: the C4 sample, else smoke)")
+    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<device>-<time>)")
+    args = p.parse_args(argv)
+    args.presets = args.presets or (["smoke"] if args.quick else ["0.1B", "0.3B", "1B"])
+    args.launcher_steps = args.launcher_steps or (6 if args.quick else 30)
+    if args.dataset is None:
+        args.dataset = str(C4_SAMPLE) if C4_SAMPLE.is_file() else "smoke"
+    args.out = Path(args.out or BENCHMARKS / "results" / f"{args.device}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """The steps of the suite: name, preset, command line, and the most seconds it may take."""
+    d = ["--device", args.device]
+    steps = []
+    for preset in args.presets:
+        tiny = ["--batch", "1", "--seq_len", "64", "--steps", "2", "--warmup", "1"] if args.quick else ["--steps", "10"]
+        steps.append(("vscale_overhead", preset, [*d, "--preset", preset, "--kernels", *args.kernels, *tiny], 150))
+    for preset in args.presets:
+        tiny = ["--micro_batch", "1", "--seq_len", "64"] if args.quick else []
+        steps.append(("launcher_vs_loop", preset, [*d, "--preset", preset, "--steps", str(args.launcher_steps),
+                                                   *tiny], 180))  # fmt: skip
+    for preset in args.presets:
+        tiny = (["--quick", "--steps", "2", "--warmup", "1", "--batch", "1", "--seq_len", "64", "--seq_lens", "128",
+                 "256", "--mem_layers", "1"] if args.quick else ["--steps", "10"])  # fmt: skip
+        steps.append(("collector_overhead", preset, [*d, "--preset", preset, *tiny], 150))
+    for preset in args.presets:
+        tiny = (["--seq_len", "64", "--micro_batch", "2", "--seconds", "1", "--train_steps", "1", "--warmup", "0"]
+                if args.quick else ["--seconds", "3"])  # fmt: skip
+        steps.append(("data_throughput", preset, [*d, "--preset", preset, "--dataset", args.dataset, *tiny], 60))
+    return [{"name": n, "preset": p, "argv": a, "cap_s": c} for n, p, a, c in steps]
+
+
+def _result_file(out: Path, step: dict) -> Path:
+    return out / f"{step['name']}_{step['preset']}.json"
+
+
+def _training_rate(out: Path, preset: str) -> float | None:
+    """The launcher's median tokens/s for ``preset`` from this suite's launcher_vs_loop result, if it ran."""
+    path = out / f"launcher_vs_loop_{preset}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["launcher"]["median_tokens_per_s"]
+
+
+def run_step(step: dict, out: Path, deadline: float, env: dict) -> dict:
+    argv = list(step["argv"])
+    rate = _training_rate(out, step["preset"]) if step["name"] == "data_throughput" else None
+    if rate:  # what the launcher really consumed (per rank); without it, data_throughput times a few steps itself
+        argv += ["--train_tokens_per_s", str(rate)]
+    result_file = _result_file(out, step)
+    log = out / f"{step['name']}_{step['preset']}.log"
+    timeout = min(step["cap_s"], deadline - time.monotonic())
+    record = {"name": step["name"], "preset": step["preset"], "argv": argv, "log": log.name}
+    if timeout < 20:
+        return {**record, "status": "skipped", "reason": "the suite's time budget is spent", "wall_s": 0.0}
+    cmd = [sys.executable, str(BENCHMARKS / f"{step['name']}.py"), *argv, "--out", str(result_file)]
+    t0 = time.monotonic()
+    print(f"[suite] {step['name']} {step['preset']} (at most {timeout:.0f} s)", flush=True)
+    with log.open("w") as handle:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
+            status = "ok" if proc.returncode == 0 and result_file.is_file() else "failed"
+            reason = None if status == "ok" else f"exit code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status, reason = "timeout", f"stopped after {timeout:.0f} s"
+    record.update(status=status, wall_s=time.monotonic() - t0)
+    if status == "ok":
+        record["result"] = result_file.name
+    else:
+        record["reason"] = reason
+        record["log_tail"] = log.read_text()[-1500:]
+        print(f"[suite] {step['name']} {step['preset']}: {status} ({reason}); log in {log}", flush=True)
+    return record
+
+
+def _load(out: Path, name: str, preset: str) -> dict | None:
+    path = out / f"{name}_{preset}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(out: Path, presets: list[str]) -> str:
+    head = (
+        "| preset | V-scale ratio eager | fused | launcher tok/s | MFU | loop tok/s | launcher/loop | idle | "
+        "capture | every=100 | capture mem T=4096 | data headroom |"
+    )
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for preset in presets:
+        v = _load(out, "vscale_overhead", preset) or {}
+        ratios = v.get("ratios", {})
+        lvl = _load(out, "launcher_vs_loop", preset) or {}
+        launcher, loop = lvl.get("launcher", {}), lvl.get("loop", {})
+        c = _load(out, "collector_overhead", preset) or {}
+        memory = c.get("memory", {})
+        mem = memory.get("4096") or (memory[max(memory, key=int)] if memory else {})
+        d = _load(out, "data_throughput", preset) or {}
+        cells = [
+            preset,
+            _fmt(ratios.get("eager"), ".3f"),
+            _fmt(ratios.get("compiled"), ".3f"),
+            _fmt(launcher.get("median_tokens_per_s"), ",.0f"),
+            _fmt(launcher.get("median_mfu"), ".3f"),
+            _fmt(loop.get("median_tokens_per_s"), ",.0f"),
+            _fmt(lvl.get("ratio"), ".3f"),
+            _fmt(c.get("ratio_idle"), ".4f"),
+            _fmt(c.get("ratio_capture"), ".3f"),
+            _fmt(c.get("amortised", {}).get("100"), ".4f"),
+            _fmt(mem.get("ratio"), ".3f"),
+            _fmt(d.get("headroom"), ",.0f"),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def environment(device: str) -> dict:
+    code = ("import json, torch, transformers\n"
+            "d = {'torch': torch.__version__, 'transformers': transformers.__version__,"
+            " 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
+            "try:\n import deepspeed; d['deepspeed'] = deepspeed.__version__\nexcept ImportError: pass\n"
+            "print(json.dumps(d))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
+    return {**info, "python": platform.python_version(), "cpus": os.cpu_count(), "device": device}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VSP_CACHE", str(out / "cache"))  # the smoke tokenizer, trained once for the whole suite
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget_s, "quick": args.quick,
+               "environment": environment(args.device), "steps": []}  # fmt: skip
+    for step in plan(args):
+        summary["steps"].append(run_step(step, out, deadline, env))
+        (out / "suite.json").write_text(json.dumps(summary, indent=1))
+    summary["total_wall_s"] = time.monotonic() - start
+    summary["table"] = table(out, args.presets)
+    (out / "suite.json").write_text(json.dumps(summary, indent=1))
+    failed = [f"{s['name']} {s['preset']}: {s['status']}" for s in summary["steps"] if s["status"] != "ok"]
+    print(f"\n[suite] {len(summary['steps']) - len(failed)}/{len(summary['steps'])} steps ok in "
+          f"{summary['total_wall_s']:.0f} s (budget {args.budget_s:.0f} s); results in {out}", flush=True)  # fmt: skip
+    for line in failed:
+        print(f"[suite] not ok: {line}", flush=True)
+    env_line = summary["environment"]
+    print(f"\n{env_line.get('gpu') or 'CPU'}, torch {env_line.get('torch')}, {summary['date']}", flush=True)
+    print(summary["table"], flush=True)
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

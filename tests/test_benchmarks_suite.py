@@ -1,0 +1,75 @@
+"""benchmarks/gpu_suite.sh (and the suite.py it runs): the whole flow on CPU with tiny shapes, its table, its budget
+and its refusal without dependencies. No timing is asserted: the numbers are checked against the result files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE_SH = REPO / "benchmarks" / "gpu_suite.sh"
+STEPS = ("vscale_overhead", "launcher_vs_loop", "collector_overhead", "data_throughput")
+
+
+def _run_suite(tmp_path: Path, *flags: str, python: str = sys.executable, timeout: int = 900):
+    env = {**os.environ, "PYTHON": python, "VSP_SUITE_DEVICE": "cpu", "VSP_WHEELS": str(tmp_path / "no-wheels")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # deepspeed, ninja
+    return subprocess.run(["bash", str(SUITE_SH), *flags], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def _row(stdout: str) -> list[str]:
+    lines = stdout.strip().splitlines()
+    assert lines[-3].startswith("| preset |"), lines[-5:]  # the table is printed last
+    return [cell.strip() for cell in lines[-1].strip("|").split("|")]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_suite_runs_every_benchmark_and_prints_their_numbers_last(tmp_path):
+    out = tmp_path / "results"
+    proc = _run_suite(tmp_path, "--quick", "--kernels", "eager", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "suite.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == list(STEPS)
+    assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
+    results = {name: json.loads((out / f"{name}_smoke.json").read_text()) for name in STEPS}
+    assert summary["environment"]["deepspeed"] and summary["environment"]["device"] == "cpu"
+
+    launcher = results["launcher_vs_loop"]["launcher"]
+    assert launcher["steps_this_invocation"] == 6 and launcher["zero_stage"] == 2
+    # data_throughput compared its pipeline with what the launcher really consumed, not a rate of its own
+    assert results["data_throughput"]["training"]["source"] == "--train_tokens_per_s"
+    assert results["data_throughput"]["training_tokens_per_s"] == pytest.approx(launcher["median_tokens_per_s"])
+
+    row = _row(proc.stdout)
+    assert row[0] == "smoke"
+    assert row[1] == f"{results['vscale_overhead']['ratios']['eager']:.3f}" and row[2] == "-"
+    assert row[3] == f"{launcher['median_tokens_per_s']:,.0f}" and row[4] == "-"  # no MFU without a known GPU
+    assert row[6] == f"{results['launcher_vs_loop']['ratio']:.3f}"
+    assert row[7] == f"{results['collector_overhead']['ratio_idle']:.4f}"
+    assert row[11] == f"{results['data_throughput']['headroom']:,.0f}"
+    assert summary["table"].splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
+
+
+def test_suite_skips_what_its_budget_cannot_fit_and_says_so(tmp_path):
+    out = tmp_path / "results"
+    proc = _run_suite(tmp_path, "--quick", "--budget_s", "1", "--out", str(out), timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "suite.json").read_text())
+    assert {s["status"] for s in summary["steps"]} == {"skipped"}
+    assert all("budget" in s["reason"] for s in summary["steps"])
+    assert "[suite] 0/4 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
+    assert _row(proc.stdout)[1:] == ["-"] * 11
+
+
+def test_suite_without_dependencies_or_wheels_exits_2_and_names_the_wheel_script(tmp_path):
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    proc = _run_suite(tmp_path, "--quick", python=str(bare / "bin" / "python"), timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "benchmarks/gpu_wheels.sh" in proc.stderr and "no-wheels" in proc.stderr
+    assert "[suite]" not in proc.stdout  # nothing ran
