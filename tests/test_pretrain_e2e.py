@@ -152,6 +152,24 @@ def test_no_checkpoint_run_writes_a_summary_and_no_checkpoint(env, tmp_path):
     assert summary["steps_this_invocation"] == 4 and summary["median_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_compiled_vscale_kernel_trains_like_the_eager_one(env, tmp_path):
+    summaries = {}
+    for kernel in ("eager", "compiled"):
+        save_dir = tmp_path / kernel
+        proc = subprocess.run(
+            [sys.executable, str(LAUNCHER), "--ds_config", str(ZERO2), "--max_steps", "3", "--save_dir",
+             str(save_dir), "--experiment", "e2e", "--vscale_kernel", kernel, "--no_checkpoint", "--seed", "5"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "compiled V-scale kernel is unavailable" not in proc.stderr  # it really ran compiled
+        summaries[kernel] = json.loads((save_dir / "train_summary.json").read_text())
+    assert summaries["compiled"]["vscale_kernel"] == "compiled"
+    assert summaries["compiled"]["train_loss"] == pytest.approx(summaries["eager"]["train_loss"], rel=1e-4)
+    assert summaries["compiled"]["eval_loss"] == pytest.approx(summaries["eager"]["eval_loss"], rel=1e-4)
+
+
 def test_training_goes_on_when_mlflow_is_unreachable(env, tmp_path):
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))

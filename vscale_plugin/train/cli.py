@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vscale", default="learned", choices=["learned", "fixed", "off"], help="'off' is the baseline")
     p.add_argument(
+        "--vscale_kernel",
+        default="eager",
+        choices=["eager", "compiled"],
+        help="V-scale's kernel: eager PyTorch, or fused by torch.compile (falls back to eager where it cannot compile)",
+    )
+    p.add_argument(
         "--dataset",
         default="smoke",
         help="'smoke' (offline, ships with Python), 'c4' (streams allenai/c4 'en'), or a PATH to "

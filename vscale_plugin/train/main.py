@@ -39,6 +39,7 @@ def _logger(setup: trainer.Setup, model, run_id: str | None) -> RunLogger:
                 "recipe": setup.preset.as_dict(),
                 "deepspeed": setup.ds_config,
                 "vscale": args.vscale,
+                "vscale_kernel": args.vscale_kernel,
                 "dataset": args.dataset,
                 "tokenizer": args.tokenizer or "default",
                 "init_from": args.init_from or "",
@@ -226,6 +227,7 @@ def _summary(setup, step: int, timings: list, tokens_per_step: int, last: dict) 
         "dtype": "bfloat16" if setup.ds_config["bf16"]["enabled"] else "float32",
         "zero_stage": setup.ds_config.get("zero_optimization", {}).get("stage", 0),
         "vscale": setup.args.vscale,
+        "vscale_kernel": setup.args.vscale_kernel,
         "attn_implementation": setup.args.attn_implementation,
     }
 

@@ -143,7 +143,7 @@ def build_model(setup: Setup, tokenizer) -> torch.nn.Module:
         )
     del zero3
     if args.vscale != "off":
-        vscale_plugin.apply_vscale(model, mode=args.vscale, sigma=preset.init_std)
+        vscale_plugin.apply_vscale(model, mode=args.vscale, sigma=preset.init_std, kernel=args.vscale_kernel)
     elif vscale_plugin.is_vscaled(model):
         vscale_plugin.remove_vscale(model)
     if args.activation_checkpointing:
