@@ -37,7 +37,9 @@ DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared/data/c4-sample.j
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default=str(DEFAULT_DATASET), help="the C4 sample (or any path PackedBatches reads)")
+    p.add_argument(
+        "--dataset", default=str(DEFAULT_DATASET), help="the C4 sample, 'smoke', or any path PackedBatches reads"
+    )
     p.add_argument("--tokenizer", default=None, help="a build_tokenizer spec (default: the smoke SentencePiece model)")
     p.add_argument("--cache_dir", default=str(TOKENIZER_CACHE), help="where the smoke tokenizer is cached")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where training steps are timed")
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = args.batches or sys.maxsize
     args.seconds = args.seconds or (2.0 if args.quick else 10.0)
     args.train_steps = args.train_steps or (3 if args.quick else 10)
-    if not Path(args.dataset).exists():
+    if args.dataset != "smoke" and not Path(args.dataset).exists():
         p.error(
             f"--dataset {args.dataset}: no such file; the C4 sample lives at {DEFAULT_DATASET} in a full checkout "
             "(../shared/data next to the repository); pass --dataset PATH to another jsonl file"

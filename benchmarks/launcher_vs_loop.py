@@ -9,10 +9,10 @@ preset's Llama with learned V-scale, the smoke corpus packed by the launcher's `
 
 - launcher: ``deepspeed --num_gpus 1 launchers/pretrain.py --ds_config ds_configs/zero2.json --no_checkpoint``, its
   numbers read from the ``train_summary.json`` it writes (median over steps after its first few);
-- loop: forward, backward, ``clip_grad_norm_``, ``AdamW.step`` (fused on CUDA), ``LambdaLR.step``, the next batch
-  fetched inside the timed step as the launcher does. On CUDA it runs the standard PyTorch mixed precision recipe
-  (float32 weights, ``torch.autocast`` bf16) where DeepSpeed keeps bf16 weights with float32 master copies: both do
-  their matrix products in bf16 and update float32 weights.
+- loop: forward, backward, ``clip_grad_norm_``, ``AdamW.step`` (fused, as the launcher's), ``LambdaLR.step``, the
+  next batch fetched inside the timed step as the launcher does. On CUDA it runs the standard PyTorch mixed
+  precision recipe (float32 weights, ``torch.autocast`` bf16) where DeepSpeed keeps bf16 weights with float32 master
+  copies: both do their matrix products in bf16 and update float32 weights.
 
 The two run one after the other (two programs cannot interleave steps); ``ratio`` = launcher / loop tokens/s, near 1
 when DeepSpeed, V-scale's hook, logging and the progress bar cost little. MFU uses the launcher's FLOP count
@@ -119,7 +119,7 @@ def run_loop(args: argparse.Namespace, cache_dir: Path) -> dict:
     model = vsp.apply_vscale(model, sigma=preset.init_std).to(device).train()
     model.config.use_cache = False
     groups = trainer.param_groups(model, preset.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=preset.lr, betas=preset.betas, eps=preset.eps, fused=cuda or None)
+    optimizer = torch.optim.AdamW(groups, lr=preset.lr, betas=preset.betas, eps=preset.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(preset))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     flops_per_token = trainer.count_flops_per_token(config, preset.seq_len)
