@@ -8,7 +8,8 @@ For each preset (0.1B, 0.3B, 1B by default), in this order so that the most impo
 ``vscale_overhead.py`` (V-scale vs baseline step time, eager and, with ``--kernels``, the fused kernel),
 ``launcher_vs_loop.py`` (``--launcher_steps`` steps of the real launcher with ZeRO-2: tokens/s, MFU, against a plain
 PyTorch loop), ``collector_overhead.py`` (idle/capture/amortised, capture-step memory at T = 1k/2k/4k) and
-``data_throughput.py`` (the launcher's pipeline against the launcher's measured tokens/s). Each runs as its own
+``data_throughput.py`` (the launcher's pipeline against the launcher's measured tokens/s); then, for the first
+preset, ``engine_phases.py`` (forward/backward/step of a plain model vs the DeepSpeed engine). Each runs as its own
 process with a timeout that keeps the whole suite inside ``--budget_s``; what the budget cannot fit is reported as
 skipped, never silently dropped. Every result is a JSON file in ``--out``, with ``suite.json`` indexing them; the
 exit code is 0 only when every step succeeded.
@@ -69,6 +70,9 @@ def plan(args: argparse.Namespace) -> list[dict]:
         tiny = (["--seq_len", "64", "--micro_batch", "2", "--seconds", "1", "--train_steps", "1", "--warmup", "0"]
                 if args.quick else ["--seconds", "3"])  # fmt: skip
         steps.append(("data_throughput", preset, [*d, "--preset", preset, "--dataset", args.dataset, *tiny], 60))
+    # Last, if the budget allows: where the launcher's time goes (plain vs DeepSpeed engine, per phase).
+    tiny = ["--batch", "1", "--seq_len", "64", "--steps", "2", "--warmup", "1"] if args.quick else []
+    steps.append(("engine_phases", args.presets[0], [*d, "--preset", args.presets[0], "--stage", "2", *tiny], 90))
     return [{"name": n, "preset": p, "argv": a, "cap_s": c} for n, p, a, c in steps]
 
 

@@ -45,3 +45,19 @@ def test_launcher_vs_loop_trains_the_same_model_on_the_same_data_in_both(tmp_pat
     assert launcher["train_loss"] == pytest.approx(loop["train_loss"], rel=1e-4)
     assert launcher["steps_this_invocation"] == 4 and launcher["tokens_per_step"] == 32
     assert not list((tmp_path / "work" / "launcher").glob("step*"))  # --no_checkpoint
+
+
+def test_engine_phases_times_each_phase_of_both_arms(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "engine_phases.py"), "--device", "cpu", "--preset", "smoke", "--batch", "1",
+         "--seq_len", "32", "--steps", "2", "--warmup", "1", "--stage", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == json.loads(out.read_text())
+    for arm in ("plain", "deepspeed"):
+        assert set(last["median_s"][arm]) == {"forward", "backward", "step"}
+        assert last["total_s"][arm] == sum(last["median_s"][arm].values()) > 0
+    assert last["ratio"] == last["total_s"]["deepspeed"] / last["total_s"]["plain"] and last["zero_stage"] == 2

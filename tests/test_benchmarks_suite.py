@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_SH = REPO / "benchmarks" / "gpu_suite.sh"
-STEPS = ("vscale_overhead", "launcher_vs_loop", "collector_overhead", "data_throughput")
+STEPS = ("vscale_overhead", "launcher_vs_loop", "collector_overhead", "data_throughput", "engine_phases")
 
 
 def _run_suite(tmp_path: Path, *flags: str, python: str = sys.executable, timeout: int = 900):
@@ -62,7 +62,7 @@ def test_suite_skips_what_its_budget_cannot_fit_and_says_so(tmp_path):
     summary = json.loads((out / "suite.json").read_text())
     assert {s["status"] for s in summary["steps"]} == {"skipped"}
     assert all("budget" in s["reason"] for s in summary["steps"])
-    assert "[suite] 0/4 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
+    assert "[suite] 0/5 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
     assert _row(proc.stdout)[1:] == ["-"] * 11
 
 
