@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
-from benchmarks.common import emit, sync
+from benchmarks.common import emit, machine, sync
 from vscale_plugin.stats.collector import StatsCollector
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
@@ -242,17 +241,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         "memory_extra_growth": growth,
         "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS, fresh process per cell",
         "memory_model": {"layers": mem_preset.layers, "hidden": mem_preset.hidden, "batch": args.mem_batch},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
+        **machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "preset": args.timing_preset,
         "batch": args.batch,
         "seq_len": args.seq_len,
         "timed_steps_per_arm": args.steps,
         "attn_implementation": args.attn_implementation,
-        "torch": torch.__version__,
         "wall_s": time.perf_counter() - t_start,
-        "date": time.strftime("%Y-%m-%d"),
     }
     return emit(result, args.out)
 

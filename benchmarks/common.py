@@ -1,8 +1,11 @@
-"""What every benchmark script shares: device sync for honest timings and the closing JSON line."""
+"""What every benchmark script shares: device sync for honest timings, the machine a result belongs to, and the
+closing JSON line."""
 
 from __future__ import annotations
 
 import json
+import platform
+import time
 from pathlib import Path
 
 import torch
@@ -21,3 +24,14 @@ def emit(result: dict, out: str | Path | None) -> dict:
         Path(out).write_text(line + "\n")
     print(line, flush=True)
     return result
+
+
+def machine(device: torch.device) -> dict:
+    """Where and when a result was measured: device name, CPU threads, torch version, date."""
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
-from benchmarks.common import emit, sync
+from benchmarks.common import emit, machine, sync
 from vscale_plugin.testing.distributed import free_port
 from vscale_plugin.train import trainer
 from vscale_plugin.train.recipe import PRESETS, llama_config
@@ -133,11 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_len": args.seq_len,
         "timed_steps": args.steps,
         "precision": "bf16 (engine) / autocast bf16 (plain)" if cuda else "float32",
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine(device),
         "deepspeed": deepspeed.__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
     return emit(result, args.out)
 

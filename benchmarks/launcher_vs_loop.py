@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
-from benchmarks.common import emit, sync
+from benchmarks.common import emit, machine, sync
 from vscale_plugin.data import PackedBatches, build_tokenizer
 from vscale_plugin.testing.distributed import deepspeed_executable, free_port
 from vscale_plugin.train import trainer
@@ -181,10 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch": args.micro_batch,
         "seq_len": args.seq_len,
         "ds_config": Path(args.ds_config).name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        **machine(device),
         "attn_implementation": args.attn_implementation,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
     return emit(result, args.out)
 

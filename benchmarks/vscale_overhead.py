@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import resource
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vscale_plugin as vsp
-from benchmarks.common import emit, sync
+from benchmarks.common import emit, machine, sync
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
 ARM = {"eager": "vscale", "compiled": "vscale_compiled"}  # arm name of each V-scale kernel
@@ -118,16 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
             if device.type == "cuda"
             else {"process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         ),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(),
+        **machine(device),
         "dtype": str(dtype).removeprefix("torch."),
         "preset": args.preset,
         "batch": args.batch,
         "seq_len": args.seq_len,
         "timed_steps_per_arm": args.steps,
         "attn_implementation": args.attn_implementation,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
     for name in arms:
         print(f"{name:>9}: median step {medians[name]:.4f} s, {result['tokens_per_s'][name]:.0f} tokens/s", flush=True)
