@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -26,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import vscale_plugin as vsp
 from benchmarks.common import emit, machine, sync
-from vscale_plugin.testing.distributed import free_port
 from vscale_plugin.train import trainer
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
@@ -57,10 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    trainer.init_distributed()  # a one-rank process group, as the launcher makes it without a launcher
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     preset = PRESETS[args.preset].with_overrides(seq_len=args.seq_len, micro_batch=args.batch, global_batch=args.batch)
     vocab = preset.vocab_size or 4096
     torch.manual_seed(0)

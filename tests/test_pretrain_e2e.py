@@ -138,6 +138,16 @@ def test_train_summary_holds_the_median_of_the_logged_step_times(runs, tracking_
         assert summary["train_loss"] == pytest.approx(losses[24], rel=1e-6)
 
 
+def test_a_cpu_run_leaves_no_deepspeed_buffers_in_dev_shm(env, tmp_path):
+    # DeepSpeed's CPU all-reduce creates a 66 MB /dev/shm segment per rank and never removes it; left there, the
+    # segments of many runs fill the machine's memory.
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    proc = _train(env, tmp_path / "ckpt", "--max_steps", "2", "--no_checkpoint")
+    assert "stopped at step 2/2" in proc.stdout
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
+
+
 def test_no_checkpoint_run_writes_a_summary_and_no_checkpoint(env, tmp_path):
     save_dir = tmp_path / "throughput"
     proc = subprocess.run(

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import vscale_plugin as vsp
 from vscale_plugin.testing.models import tiny_model
+from vscale_plugin.train.trainer import init_distributed
 
 STAGES = (0, 1, 2, 3)
 BATCH = 4
@@ -172,7 +173,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # the launcher's, which also frees DeepSpeed's /dev/shm buffer names
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = full_batch()
     res: dict = {"rank": rank, "world_size": world, "ids": ids.tolist()}

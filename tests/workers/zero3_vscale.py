@@ -21,6 +21,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vscale_plugin as vsp
+from vscale_plugin.train.trainer import init_distributed
 
 LR = 1e-2
 MICRO_BATCH = 2
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # the launcher's, which also frees DeepSpeed's /dev/shm buffer names
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ds_config(world)
     res: dict = {"rank": rank, "world_size": world}

@@ -3,6 +3,7 @@ packed data, the paper's optimiser and schedule, exact checkpoint/resume, metric
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -55,7 +56,26 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove the name of this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce (its shm comm op).
+
+    DeepSpeed creates one 66 MB segment per rank and never unlinks it, so every CPU run under the deepspeed launcher
+    left its segments in /dev/shm (memory that is only freed by deleting them) until the machine ran out. Once every
+    rank has mapped every other rank's segment, which ``init_distributed`` does before returning (hence the
+    barrier), the names are no longer needed: the mappings stay valid and the memory goes when the ranks exit.
+    """
+    dist.barrier()
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def prepare(args: Namespace, rank: int, world_size: int) -> Setup:
