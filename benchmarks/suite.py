@@ -76,16 +76,19 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return [{"name": n, "preset": p, "argv": a, "cap_s": c} for n, p, a, c in steps]
 
 
-def _result_file(out: Path, step: dict) -> Path:
-    return out / f"{step['name']}_{step['preset']}.json"
+def _result_file(out: Path, name: str, preset: str) -> Path:
+    return out / f"{name}_{preset}.json"
+
+
+def _load(out: Path, name: str, preset: str) -> dict | None:
+    path = _result_file(out, name, preset)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _training_rate(out: Path, preset: str) -> float | None:
     """The launcher's median tokens/s for ``preset`` from this suite's launcher_vs_loop result, if it ran."""
-    path = out / f"launcher_vs_loop_{preset}.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())["launcher"]["median_tokens_per_s"]
+    result = _load(out, "launcher_vs_loop", preset)
+    return result["launcher"]["median_tokens_per_s"] if result else None
 
 
 def run_step(step: dict, out: Path, deadline: float, env: dict) -> dict:
@@ -93,8 +96,8 @@ def run_step(step: dict, out: Path, deadline: float, env: dict) -> dict:
     rate = _training_rate(out, step["preset"]) if step["name"] == "data_throughput" else None
     if rate:  # what the launcher really consumed (per rank); without it, data_throughput times a few steps itself
         argv += ["--train_tokens_per_s", str(rate)]
-    result_file = _result_file(out, step)
-    log = out / f"{step['name']}_{step['preset']}.log"
+    result_file = _result_file(out, step["name"], step["preset"])
+    log = result_file.with_suffix(".log")
     timeout = min(step["cap_s"], deadline - time.monotonic())
     record = {"name": step["name"], "preset": step["preset"], "argv": argv, "log": log.name}
     if timeout < 20:
@@ -117,11 +120,6 @@ def run_step(step: dict, out: Path, deadline: float, env: dict) -> dict:
         record["log_tail"] = log.read_text()[-1500:]
         print(f"[suite] {step['name']} {step['preset']}: {status} ({reason}); log in {log}", flush=True)
     return record
-
-
-def _load(out: Path, name: str, preset: str) -> dict | None:
-    path = out / f"{name}_{preset}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _fmt(value, spec: str) -> str:
