@@ -52,10 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with trainer.distributed():  # a one-rank process group, as the launcher makes it without a launcher
+        return emit(measure(args), args.out)
+
+
+def measure(args: argparse.Namespace) -> dict:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    trainer.init_distributed()  # a one-rank process group, as the launcher makes it without a launcher
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = PRESETS[args.preset].with_overrides(seq_len=args.seq_len, micro_batch=args.batch, global_batch=args.batch)
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         **machine(device),
         "deepspeed": deepspeed.__version__,
     }
-    return emit(result, args.out)
+    return result
 
 
 if __name__ == "__main__":

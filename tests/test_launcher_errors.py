@@ -205,6 +205,26 @@ def test_tracking_store_mlflow_cannot_open_exits_2_before_training(tmp_path: Pat
     _assert_usage_error(proc, tmp_path, "bogus://nowhere", "MLFLOW_TRACKING_URI", "sqlite:///")
 
 
+def test_an_error_after_the_process_group_exists_destroys_it_before_exiting(tmp_path: Path, cache_dir: Path) -> None:
+    """A gloo group left to interpreter shutdown can turn exit 2 into an abort (exit -6, "terminate called without an
+    active exception"), at random; so ``run`` must destroy it on the error path. Checked in the launcher's process."""
+    config = json.loads(ZERO2.read_text())
+    config["train_micro_batch_size_per_gpu"] = 2  # a usage error found after the group is made (in prepare)
+    path = tmp_path / "fixed_micro.json"
+    path.write_text(json.dumps(config))
+    code = (
+        "import sys, torch.distributed as dist\n"
+        "from vscale_plugin.train.main import run\n"
+        f"rc = run(['--ds_config', {str(path)!r}, '--micro_batch', '4', '--global_batch', '8'])\n"
+        "print('rc', rc, 'initialized', dist.is_initialized())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path, cache_dir),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert proc.returncode == 0, _describe(proc)
+    assert "rc 2 initialized False" in proc.stdout, _describe(proc)
+    assert "train_micro_batch_size_per_gpu=2" in _error_line(proc)
+
+
 # ---- through the real deepspeed launcher ----
 
 

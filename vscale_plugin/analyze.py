@@ -203,7 +203,11 @@ def run(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except ConfigError as err:
         return fail(str(err))
-    rank, world_size = trainer.init_distributed()
+    with trainer.distributed() as (rank, world_size):
+        return _run(args, rank, world_size)
+
+
+def _run(args, rank: int, world_size: int) -> int:
     try:
         out = analyze(args, rank, world_size)
     except (ConfigError, DataError) as err:

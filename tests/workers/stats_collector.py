@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import vscale_plugin as vsp
 from vscale_plugin.testing.models import tiny_model
-from vscale_plugin.train.trainer import init_distributed
+from vscale_plugin.train.trainer import distributed
 
 STAGES = (0, 1, 2, 3)
 BATCH = 4
@@ -173,7 +173,12 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
-    init_distributed()  # the launcher's, which also frees DeepSpeed's /dev/shm buffer names
+    # The launcher's: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
+    with distributed():
+        work(args)
+
+
+def work(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     ids = full_batch()
     res: dict = {"rank": rank, "world_size": world, "ids": ids.tolist()}

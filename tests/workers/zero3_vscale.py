@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vscale_plugin as vsp
-from vscale_plugin.train.trainer import init_distributed
+from vscale_plugin.train.trainer import distributed
 
 LR = 1e-2
 MICRO_BATCH = 2
@@ -153,7 +153,12 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
-    init_distributed()  # the launcher's, which also frees DeepSpeed's /dev/shm buffer names
+    # The launcher's: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
+    with distributed():
+        work(args)
+
+
+def work(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ds_config(world)
     res: dict = {"rank": rank, "world_size": world}

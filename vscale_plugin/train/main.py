@@ -65,7 +65,11 @@ def run(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except ConfigError as err:
         return fail(str(err))
-    rank, world_size = trainer.init_distributed()
+    with trainer.distributed() as (rank, world_size):
+        return _run(args, rank, world_size)
+
+
+def _run(args, rank: int, world_size: int) -> int:
     try:
         trainer.rank0_first(_check_tracking, default_tracking_uri())  # before anything is created on disk
         setup = trainer.prepare(args, rank, world_size)

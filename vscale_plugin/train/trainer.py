@@ -11,6 +11,7 @@ import random
 import socket
 import subprocess
 from argparse import Namespace
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,22 @@ def init_distributed() -> tuple[int, int]:
     else:
         _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[tuple[int, int]]:
+    """``init_distributed`` for the body of a ``with``; the process group is destroyed when it ends, on every path.
+
+    A gloo group left to interpreter shutdown can abort the process ("terminate called without an active exception",
+    exit -6) instead of letting it exit with its own code, because its C++ threads outlive the interpreter; a
+    usage error's exit 2 must stay exit 2.
+    """
+    ranks = init_distributed()
+    try:
+        yield ranks
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _unlink_shm_buffer() -> None:
