@@ -1,7 +1,10 @@
 """StatsCollector behaviour in one process: idle cost, micro-batch combination, kernels, checkpointing, sinks."""
 
+import functools
+
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import vscale_plugin as vsp
 from vscale_plugin.stats import sinks
@@ -78,6 +81,25 @@ def test_activation_checkpointing_does_not_count_recomputed_forwards(reentrant):
     expected = vsp.measure(_model().train(), ids)
     model = _model().train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    _assert_same(vsp.measure(model, ids), expected, rel=1e-5, abs_=1e-8)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_around_the_layer_call_and_its_hooks_counts_each_gradient_once(reentrant):
+    """Some transformers releases (5.17) checkpoint a decoder layer's ``__call__``, not its ``forward``: the layer's
+    own hooks then run again in the recomputation, on the very input tensor of the first forward."""
+    ids = _ids()
+    expected = vsp.measure(_model().train(), ids)
+    model = _model().train()
+    for layer in model.model.layers:
+
+        class CallCheckpointed(type(layer)):
+            def __call__(self, *args, **kwargs):
+                kwargs.update(use_cache=False, cache=None, past_key_values=None)  # as transformers does here
+                call = functools.partial(super().__call__, **kwargs)
+                return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=reentrant)
+
+        layer.__class__ = CallCheckpointed
     _assert_same(vsp.measure(model, ids), expected, rel=1e-5, abs_=1e-8)
 
 

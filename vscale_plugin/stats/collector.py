@@ -136,6 +136,7 @@ class StatsCollector:
         self._profiles: dict[str, Any] = {}
         self._warned = False
         self._sums: list[_Sums] = []
+        self._capture_token = object()
         self._param_norms: dict[str, float] = {}
         self._scratch: list[dict[str, Any]] = []
         self._seq_len = 0
@@ -152,6 +153,7 @@ class StatsCollector:
             yield
             return
         self._sums = [_Sums() for _ in self.layers]
+        self._capture_token = object()
         self._scratch = [{} for _ in self.layers]
         self._param_norms, self._seq_len, self._key_mask = {}, 0, None
         handles = self._install()
@@ -214,8 +216,27 @@ class StatsCollector:
         if point in FORWARD_POINTS and not _in_backward():
             norms = x.detach()[:, :REST].float().norm(dim=-1).double().sum(0)
             self._add(self._sums[i].forward, point, norms)
-        if point in GRAD_POINTS and x.requires_grad:
+        if point in GRAD_POINTS and self._first_hook(x, i, point):
             x.register_hook(partial(self._on_grad, i, point))
+
+    def _first_hook(self, x: torch.Tensor, i: int, point: str) -> bool:
+        """Whether x's gradient, which autograd will compute, has no hook for (i, point) in this capture yet; marks it.
+
+        Checkpointing that wraps a layer's ``__call__`` (as transformers 5.17 does) runs the layer's hooks again when
+        backward recomputes it. Non-reentrant, they see the first forward's input tensor again (hence the mark);
+        reentrant, the first forward runs without grad mode and only the recomputation's tensors get gradients (hence
+        no hook without grad mode). Either way each gradient is counted once.
+        """
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        token, seen = getattr(x, "_vsp_grad_hooks", (None, None))
+        if token is not self._capture_token:
+            seen = set()
+            x._vsp_grad_hooks = (self._capture_token, seen)
+        if (i, point) in seen:
+            return False
+        seen.add((i, point))
+        return True
 
     def _block_in(self, i: int, module, args, kwargs) -> None:
         h_in = args[0] if args else kwargs["hidden_states"]
@@ -233,7 +254,7 @@ class StatsCollector:
     def _path_in(self, i: int, point: str, module, args):
         # A view of h̃ per projection: its gradient is that projection's contribution W^T g (SPEC: path split).
         x = args[0]
-        if not x.requires_grad:
+        if not (x.requires_grad and torch.is_grad_enabled()):
             return None
         path = x.view_as(x)
         path.register_hook(partial(self._on_grad, i, point))
