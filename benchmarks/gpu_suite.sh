@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_suite.sh [--out DIR] [--presets 0.1B 0.3B 1B] [any benchmarks/suite.py flag]
 # It needs DeepSpeed, mlflow-skinny and datasets beside the host's PyTorch and transformers. Where they are missing it
 # installs the wheels in ${VSP_WHEELS:-.whl} (built beforehand, where pip reaches PyPI, by
-# `bash benchmarks/gpu_wheels.sh .whl`) into /tmp/site with pip --no-index, then runs benchmarks/suite.py: JSON
-# results in --out (default benchmarks/results/cuda-<time>) and a table printed last.
+# `bash benchmarks/gpu_wheels.sh .whl`) into ${VSP_SITE:-/tmp/site} with pip --no-index, then runs benchmarks/suite.py: JSON
+# results in --out (default benchmarks/results/cuda-<time>) and a table printed last. A benchmark whose needs still
+# do not import (datasets without pyarrow, say) is reported as skipped with the import error; the others run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -15,10 +16,25 @@ if ! "$py" -c "import deepspeed, mlflow, datasets" 2>/dev/null; then
              "reaches PyPI with 'bash benchmarks/gpu_wheels.sh $wheels' and bring $wheels here" >&2
         exit 2
     fi
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$wheels"/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    export PATH=/tmp/site/bin:$PATH
+    # What the host already imports stays the host's: its datasets, say, works with its own pyarrow, where ours
+    # might ask for a newer one.
+    skip=()
+    "$py" -c "import deepspeed" 2>/dev/null && skip+=(deepspeed-)
+    "$py" -c "import mlflow" 2>/dev/null && skip+=(mlflow_skinny- mlflow-)
+    "$py" -c "import datasets" 2>/dev/null && skip+=(datasets- dill- multiprocess- xxhash-)
+    install=()
+    for wheel in "$wheels"/*.whl; do
+        keep=1
+        for prefix in "${skip[@]}"; do
+            if [[ $(basename "$wheel") == "$prefix"* ]]; then keep=0; fi
+        done
+        if ((keep)); then install+=("$wheel"); fi
+    done
+    site=${VSP_SITE:-/tmp/site}
+    "$py" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "${install[@]}"
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    export PATH=$site/bin:$PATH
 fi
 # mlflow-skinny has no SQL store: the launcher logs to a file store unless MLFLOW_TRACKING_URI says otherwise.
 export MLFLOW_ALLOW_FILE_STORE=${MLFLOW_ALLOW_FILE_STORE:-true}

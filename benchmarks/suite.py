@@ -30,6 +30,16 @@ BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 C4_SAMPLE = REPO.parent / "shared" / "data" / "c4-sample.jsonl"
 KERNELS = ("eager", "compiled")
+# What each benchmark imports beyond torch and transformers. A step whose needs do not import here is reported as
+# skipped with the import error, so that an offline host without, say, pyarrow still gets the V-scale and collector
+# figures instead of a string of failures.
+NEEDS = {
+    "vscale_overhead": (),
+    "collector_overhead": (),
+    "launcher_vs_loop": ("deepspeed", "mlflow", "datasets"),
+    "data_throughput": ("datasets",),
+    "engine_phases": ("deepspeed", "datasets"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +101,8 @@ def _training_rate(out: Path, preset: str) -> float | None:
     return result["launcher"]["median_tokens_per_s"] if result else None
 
 
-def run_step(step: dict, out: Path, deadline: float, env: dict) -> dict:
+def run_step(step: dict, out: Path, deadline: float, env: dict, missing: dict[str, str] | None = None) -> dict:
+    """Run one step as its own process; ``missing`` maps a module that does not import here to its error."""
     argv = list(step["argv"])
     rate = _training_rate(out, step["preset"]) if step["name"] == "data_throughput" else None
     if rate:  # what the launcher really consumed (per rank); without it, data_throughput times a few steps itself
@@ -100,6 +111,11 @@ def run_step(step: dict, out: Path, deadline: float, env: dict) -> dict:
     log = result_file.with_suffix(".log")
     timeout = min(step["cap_s"], deadline - time.monotonic())
     record = {"name": step["name"], "preset": step["preset"], "argv": argv, "log": log.name}
+    unmet = [f"{name} ({missing[name]})" for name in NEEDS[step["name"]] if name in (missing or {})]
+    if unmet:
+        reason = f"needs {', '.join(unmet)}, which does not import here"
+        print(f"[suite] {step['name']} {step['preset']}: skipped, {reason}", flush=True)
+        return {**record, "status": "skipped", "reason": reason, "wall_s": 0.0}
     if timeout < 20:
         return {**record, "status": "skipped", "reason": "the suite's time budget is spent", "wall_s": 0.0}
     cmd = [sys.executable, str(BENCHMARKS / f"{step['name']}.py"), *argv, "--out", str(result_file)]
@@ -159,13 +175,17 @@ def table(out: Path, presets: list[str]) -> str:
     return "\n".join(rows)
 
 
-def environment(device: str) -> dict:
-    code = ("import json, torch, transformers\n"
+def environment(device: str, env: dict) -> dict:
+    """Versions of what the benchmarks import, probed in a child with the steps' environment; ``missing`` maps each
+    optional module that does not import to its error (one line)."""
+    code = ("import importlib, json, torch, transformers\n"
             "d = {'torch': torch.__version__, 'transformers': transformers.__version__,"
-            " 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
-            "try:\n import deepspeed; d['deepspeed'] = deepspeed.__version__\nexcept ImportError: pass\n"
+            " 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'missing': {}}\n"
+            f"for name in {sorted({n for needs in NEEDS.values() for n in needs})!r}:\n"
+            " try:\n  d[name] = importlib.import_module(name).__version__\n"
+            " except Exception as err:\n  d['missing'][name] = f'{type(err).__name__}: {err}'.splitlines()[0][:300]\n"
             "print(json.dumps(d))")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-500:]}
     return {**info, "python": platform.python_version(), "cpus": os.cpu_count(), "device": device}
 
@@ -180,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VSP_CACHE", str(out / "cache"))  # the smoke tokenizer, trained once for the whole suite
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget_s, "quick": args.quick,
-               "environment": environment(args.device), "steps": []}  # fmt: skip
+               "environment": environment(args.device, env), "steps": []}  # fmt: skip
+    if "error" in summary["environment"]:
+        last = (summary["environment"]["error"].strip().splitlines() or ["no output"])[-1]
+        print(f"error: {sys.executable} cannot import torch and transformers, which every benchmark needs ({last}); "
+              "run the suite with the Python that has them (PYTHON=... for gpu_suite.sh)", file=sys.stderr)  # fmt: skip
+        return 2
+    missing = summary["environment"].get("missing", {})
+    for name, error in missing.items():
+        print(f"[suite] {name} does not import here: {error}", flush=True)
     for step in plan(args):
-        summary["steps"].append(run_step(step, out, deadline, env))
+        summary["steps"].append(run_step(step, out, deadline, env, missing))
         (out / "suite.json").write_text(json.dumps(summary, indent=1))
     summary["total_wall_s"] = time.monotonic() - start
     summary["table"] = table(out, args.presets)

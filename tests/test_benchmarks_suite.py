@@ -55,6 +55,44 @@ def test_suite_runs_every_benchmark_and_prints_their_numbers_last(tmp_path):
     assert summary["table"].splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_suite_skips_what_needs_a_module_that_does_not_import_and_runs_the_rest(tmp_path):
+    """An offline host whose datasets cannot import (no pyarrow, say) still gets the V-scale and collector figures."""
+    shadow = tmp_path / "shadow" / "datasets"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pyarrow'\")\n")
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), "--device", "cpu", "--quick",
+                           "--kernels", "eager", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "suite.json").read_text())
+    status = {s["name"]: s for s in summary["steps"]}
+    assert status["vscale_overhead"]["status"] == status["collector_overhead"]["status"] == "ok", summary["steps"]
+    for name in ("launcher_vs_loop", "data_throughput", "engine_phases"):
+        assert status[name]["status"] == "skipped", status[name]
+        assert "datasets (ModuleNotFoundError: No module named 'pyarrow')" in status[name]["reason"], status[name]
+    assert summary["environment"]["missing"] == {"datasets": "ModuleNotFoundError: No module named 'pyarrow'"}
+    assert "[suite] datasets does not import here" in proc.stdout
+    row = _row(proc.stdout)
+    assert row[1] == f"{json.loads((out / 'vscale_overhead_smoke.json').read_text())['ratios']['eager']:.3f}"
+    assert row[3] == "-" and row[11] == "-"
+
+
+def test_suite_without_torch_exits_2_and_says_which_python_lacks_it(tmp_path):
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    proc = subprocess.run([str(bare / "bin" / "python"), str(REPO / "benchmarks" / "suite.py"), "--device", "cpu",
+                           "--quick", "--out", str(tmp_path / "results")], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and str(bare / "bin" / "python") in line and "No module named 'torch'" in line
+    assert "[suite]" not in proc.stdout  # nothing ran
+
+
 def test_suite_skips_what_its_budget_cannot_fit_and_says_so(tmp_path):
     out = tmp_path / "results"
     proc = _run_suite(tmp_path, "--quick", "--budget_s", "1", "--out", str(out), timeout=300)
