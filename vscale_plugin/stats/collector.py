@@ -111,6 +111,11 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _gets_grad(x: torch.Tensor) -> bool:
+    # Without grad mode (the first forward of reentrant checkpointing) autograd never computes x's gradient.
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def _first_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -227,7 +232,7 @@ class StatsCollector:
         reentrant, the first forward runs without grad mode and only the recomputation's tensors get gradients (hence
         no hook without grad mode). Either way each gradient is counted once.
         """
-        if not (x.requires_grad and torch.is_grad_enabled()):
+        if not _gets_grad(x):
             return False
         token, seen = getattr(x, "_vsp_grad_hooks", (None, None))
         if token is not self._capture_token:
@@ -254,7 +259,7 @@ class StatsCollector:
     def _path_in(self, i: int, point: str, module, args):
         # A view of h̃ per projection: its gradient is that projection's contribution W^T g (SPEC: path split).
         x = args[0]
-        if not (x.requires_grad and torch.is_grad_enabled()):
+        if not _gets_grad(x):
             return None
         path = x.view_as(x)
         path.register_hook(partial(self._on_grad, i, point))
