@@ -141,3 +141,4 @@ def measure(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     main()
+    trainer.exit_after_distributed(0)

@@ -225,6 +225,25 @@ def test_an_error_after_the_process_group_exists_destroys_it_before_exiting(tmp_
     assert "train_micro_batch_size_per_gpu=2" in _error_line(proc)
 
 
+def test_exit_after_distributed_keeps_the_code_and_runs_atexit_handlers(tmp_path: Path) -> None:
+    """The launcher's exit skips interpreter finalization (where gloo can abort the process), not atexit handlers
+    (MLflow's, logging's, compile workers'), nor the exit code."""
+    code = (
+        "import atexit, sys\n"
+        "from vscale_plugin.train import trainer\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "with trainer.distributed():\n"
+        "    print('body ran', flush=True)\n"
+        "trainer.exit_after_distributed(3)\n"
+        "print('not reached')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)  # fmt: skip
+    assert proc.returncode == 3, _describe(proc)
+    assert proc.stdout.splitlines()[-2:] == ["body ran", "atexit ran"], _describe(proc)
+
+
 # ---- through the real deepspeed launcher ----
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -245,4 +244,4 @@ def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world
 
 
 def main() -> None:
-    sys.exit(run())
+    trainer.exit_after_distributed(run())

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import vscale_plugin as vsp
 from vscale_plugin.testing.models import tiny_model
-from vscale_plugin.train.trainer import distributed
+from vscale_plugin.train.trainer import distributed, exit_after_distributed
 
 STAGES = (0, 1, 2, 3)
 BATCH = 4
@@ -176,6 +176,7 @@ def main() -> None:
     # The launcher's: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
     with distributed():
         work(args)
+    exit_after_distributed(0)
 
 
 def work(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vscale_plugin as vsp
-from vscale_plugin.train.trainer import distributed
+from vscale_plugin.train.trainer import distributed, exit_after_distributed
 
 LR = 1e-2
 MICRO_BATCH = 2
@@ -156,6 +156,7 @@ def main() -> None:
     # The launcher's: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
     with distributed():
         work(args)
+    exit_after_distributed(0)
 
 
 def work(args: argparse.Namespace) -> None:

@@ -237,4 +237,4 @@ def _summary(setup, step: int, timings: list, tokens_per_step: int, last: dict) 
 
 
 def main() -> None:
-    sys.exit(run())
+    trainer.exit_after_distributed(run())

@@ -3,6 +3,7 @@ packed data, the paper's optimiser and schedule, exact checkpoint/resume, metric
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -10,11 +11,12 @@ import os
 import random
 import socket
 import subprocess
+import sys
 from argparse import Namespace
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -76,6 +78,21 @@ def distributed() -> Iterator[tuple[int, int]]:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_after_distributed(code: int) -> NoReturn:
+    """Exit with ``code`` after a ``with distributed()`` body: atexit handlers run, interpreter finalization does not.
+
+    Tearing down the interpreter of a process that has run gloo collectives can abort it with "terminate called
+    without an active exception" (exit -6) even after ``destroy_process_group``: DeepSpeed's engine still holds its
+    process groups, and they are destroyed during finalization (pytorch/pytorch#190489, #179291). CI saw it at random
+    on both a usage error's exit 2 and a finished run's exit 0. Everything worth keeping is done by then (MLflow run
+    closed, checkpoints written), and the atexit handlers (logging, compile workers) still run.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _unlink_shm_buffer() -> None:
