@@ -9,7 +9,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-if ! "$py" -c "import deepspeed, mlflow, datasets" 2>/dev/null; then
+# Which of the three do not import here (one interpreter start: importing DeepSpeed takes seconds). Imports may
+# print (DeepSpeed logs to stdout), so the answer is the last line.
+missing=$("$py" - 2>/dev/null <<'PY' | tail -n 1
+import importlib
+missing = []
+for name in ("deepspeed", "mlflow", "datasets"):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print("missing:", *missing)
+PY
+) || { echo "error: $py does not run; set PYTHON to the host's Python (the one with PyTorch)" >&2; exit 2; }
+missing=${missing#missing:}
+if [ -n "${missing// /}" ]; then
     wheels=${VSP_WHEELS:-.whl}
     if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
         echo "error: deepspeed, mlflow or datasets is missing and $wheels holds no wheels; build them where pip" \
@@ -19,9 +33,9 @@ if ! "$py" -c "import deepspeed, mlflow, datasets" 2>/dev/null; then
     # What the host already imports stays the host's: its datasets, say, works with its own pyarrow, where ours
     # might ask for a newer one.
     skip=()
-    "$py" -c "import deepspeed" 2>/dev/null && skip+=(deepspeed-)
-    "$py" -c "import mlflow" 2>/dev/null && skip+=(mlflow_skinny- mlflow-)
-    "$py" -c "import datasets" 2>/dev/null && skip+=(datasets- dill- multiprocess- xxhash-)
+    [[ $missing == *deepspeed* ]] || skip+=(deepspeed-)
+    [[ $missing == *mlflow* ]] || skip+=(mlflow_skinny- mlflow-)
+    [[ $missing == *datasets* ]] || skip+=(datasets- dill- multiprocess- xxhash-)
     install=()
     for wheel in "$wheels"/*.whl; do
         keep=1
@@ -31,8 +45,8 @@ if ! "$py" -c "import deepspeed, mlflow, datasets" 2>/dev/null; then
         if ((keep)); then install+=("$wheel"); fi
     done
     site=${VSP_SITE:-/tmp/site}
-    "$py" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "${install[@]}"
+    "$py" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" "${install[@]}"
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
     export PATH=$site/bin:$PATH
 fi

@@ -66,12 +66,9 @@ def init_distributed() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def distributed() -> Iterator[tuple[int, int]]:
-    """``init_distributed`` for the body of a ``with``; the process group is destroyed when it ends, on every path.
-
-    A gloo group left to interpreter shutdown can abort the process ("terminate called without an active exception",
-    exit -6) instead of letting it exit with its own code, because its C++ threads outlive the interpreter; a
-    usage error's exit 2 must stay exit 2.
-    """
+    """``init_distributed`` for the body of a ``with``; the process group is destroyed when it ends, on every path,
+    so that a caller in the same process (a test, a notebook) is left without it. A process that exits afterwards
+    should do so through :func:`exit_after_distributed`, which also keeps gloo from aborting it at shutdown."""
     ranks = init_distributed()
     try:
         yield ranks
