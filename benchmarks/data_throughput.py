@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import vscale_plugin as vsp
 from benchmarks.common import emit
-from vscale_plugin.data import PackedBatches, build_tokenizer
+from vscale_plugin.data import TOKENIZER_CACHE, PackedBatches, build_tokenizer
 from vscale_plugin.train.recipe import PRESETS, llama_config
-from vscale_plugin.train.trainer import TOKENIZER_CACHE
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared/data/c4-sample.jsonl"
 

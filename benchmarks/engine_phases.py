@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import vscale_plugin as vsp
 from benchmarks.common import emit, machine, sync
+from vscale_plugin.launch.distributed import distributed, exit_after_distributed
 from vscale_plugin.train import trainer
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with trainer.distributed():  # a one-rank process group, as the launcher makes it without a launcher
+    with distributed():  # a one-rank process group, as the launcher makes it without a launcher
         return emit(measure(args), args.out)
 
 
@@ -141,4 +142,4 @@ def measure(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     main()
-    trainer.exit_after_distributed(0)
+    exit_after_distributed(0)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import vscale_plugin as vsp
 from benchmarks.common import emit, machine, sync
-from vscale_plugin.data import PackedBatches, build_tokenizer
+from vscale_plugin.data import TOKENIZER_CACHE, PackedBatches, build_tokenizer
 from vscale_plugin.testing.distributed import deepspeed_executable, free_port
 from vscale_plugin.train import trainer
 from vscale_plugin.train.recipe import PRESETS, llama_config
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="launcher-vs-loop-") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        cache_dir = Path(os.environ.get("VSP_CACHE", trainer.TOKENIZER_CACHE))
+        cache_dir = Path(os.environ.get("VSP_CACHE", TOKENIZER_CACHE))
         launcher = run_launcher(args, work)
         print(f" launcher: median step {launcher['median_step_s']:.4f} s, "
               f"{launcher['median_tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip

@@ -230,11 +230,11 @@ def test_exit_after_distributed_keeps_the_code_and_runs_atexit_handlers(tmp_path
     (MLflow's, logging's, compile workers'), nor the exit code."""
     code = (
         "import atexit, sys\n"
-        "from vscale_plugin.train import trainer\n"
+        "from vscale_plugin.launch.distributed import distributed, exit_after_distributed\n"
         "atexit.register(lambda: print('atexit ran', flush=True))\n"
-        "with trainer.distributed():\n"
+        "with distributed():\n"
         "    print('body ran', flush=True)\n"
-        "trainer.exit_after_distributed(3)\n"
+        "exit_after_distributed(3)\n"
         "print('not reached')\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 import vscale_plugin
-from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
+from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, build_tokenizer
+from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
+from vscale_plugin.launch.distributed import distributed, exit_after_distributed, rank0_first
+from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
 from vscale_plugin.stats import StatsCollector
-from vscale_plugin.train import trainer
-from vscale_plugin.train.cli import OneLineParser, UsageError, fail
-from vscale_plugin.train.ds_config import ConfigError, fill_ds_config, load_ds_config
 
 TABLE = (
     ("sink", "as/sink_rate"),
@@ -133,7 +133,7 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
         raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
                          "launchers/pretrain.py --save_dir")  # fmt: skip
     spec, tokenizer_dataset = _tokenizer_spec(args)
-    tokenizer = trainer.rank0_first(build_tokenizer, spec, tokenizer_dataset, trainer.TOKENIZER_CACHE)
+    tokenizer = rank0_first(build_tokenizer, spec, tokenizer_dataset, TOKENIZER_CACHE)
     if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
         raise DataError(f"--dataset {args.dataset}: no such file or directory; use smoke, c4 or an existing path")
     model = load_model(args, dtype, ds_config)
@@ -202,7 +202,7 @@ def run(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except ConfigError as err:
         return fail(str(err))
-    with trainer.distributed() as (rank, world_size):
+    with distributed() as (rank, world_size):
         return _run(args, rank, world_size)
 
 
@@ -244,4 +244,4 @@ def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world
 
 
 def main() -> None:
-    trainer.exit_after_distributed(run())
+    exit_after_distributed(run())

@@ -28,9 +28,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
+from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
 from vscale_plugin.tracking import default_tracking_uri
-from vscale_plugin.train.cli import OneLineParser, UsageError, fail
-from vscale_plugin.train.ds_config import ConfigError
 
 BASELINE = "off"
 # Every stats step logs this summary (SPEC section 4), whatever the model; its absence means no --stats_every.

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from vscale_plugin.train.cli import OneLineParser, UsageError, fail
+from vscale_plugin.launch.cli import OneLineParser, UsageError, fail
 from vscale_plugin.train.recipe import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 import vscale_plugin as vsp
+from vscale_plugin.launch.distributed import distributed, exit_after_distributed
 from vscale_plugin.testing.models import tiny_model
-from vscale_plugin.train.trainer import distributed, exit_after_distributed
 
 STAGES = (0, 1, 2, 3)
 BATCH = 4

@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vscale_plugin as vsp
-from vscale_plugin.train.trainer import distributed, exit_after_distributed
+from vscale_plugin.launch.distributed import distributed, exit_after_distributed
 
 LR = 1e-2
 MICRO_BATCH = 2

@@ -11,6 +11,6 @@
 from vscale_plugin.data.errors import DataError
 from vscale_plugin.data.packing import PackedBatches
 from vscale_plugin.data.sources import smoke_documents
-from vscale_plugin.data.tokenizer import Tokenizer, build_tokenizer
+from vscale_plugin.data.tokenizer import TOKENIZER_CACHE, Tokenizer, build_tokenizer
 
-__all__ = ["DataError", "PackedBatches", "Tokenizer", "build_tokenizer", "smoke_documents"]
+__all__ = ["TOKENIZER_CACHE", "DataError", "PackedBatches", "Tokenizer", "build_tokenizer", "smoke_documents"]

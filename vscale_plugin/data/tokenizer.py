@@ -18,6 +18,8 @@ from vscale_plugin.data.errors import DataError
 from vscale_plugin.data.sources import smoke_documents
 
 PAPER_TOKENIZER = "gpt2"
+# Where trained tokenizers (the smoke corpus' SentencePiece model) are cached; VSP_CACHE overrides.
+TOKENIZER_CACHE = Path(os.environ.get("VSP_CACHE", Path.home() / ".cache" / "vscale_plugin"))
 
 # The smoke corpus supports a unigram vocabulary of about 4.6k pieces; 4096 trains in about a second.
 # hard_vocab_limit=False keeps training from failing on a Python version whose help topics are a little smaller.

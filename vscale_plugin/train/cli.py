@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-from vscale_plugin.train.ds_config import ConfigError
+from vscale_plugin.launch.cli import OneLineParser, UsageError
 from vscale_plugin.train.recipe import PRESETS
-
-
-class UsageError(ConfigError):
-    """A bad flag value; the message names the fix."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit 2 (via UsageError and ``fail``), not a usage block.
-    Every launcher uses it."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message}; see --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +155,3 @@ def check_save_dir(save_dir: Path, resume: bool) -> None:
         raise UsageError(
             f"--save_dir {save_dir}: not writable ({err.strerror}); choose a directory you can write to"
         ) from err
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 import vscale_plugin
-from vscale_plugin.data import DataError, PackedBatches, build_tokenizer
+from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, build_tokenizer
+from vscale_plugin.launch.cli import ConfigError, fail
+from vscale_plugin.launch.distributed import distributed, exit_after_distributed, mean_over_ranks, rank0_first
 from vscale_plugin.stats import StatsCollector
 from vscale_plugin.tracking import RunLogger, TrackingStoreError, check_tracking_store, default_tracking_uri
 from vscale_plugin.train import trainer
-from vscale_plugin.train.cli import fail, parse_args
-from vscale_plugin.train.ds_config import ConfigError
+from vscale_plugin.train.cli import parse_args
 
 
 def _logger(setup: trainer.Setup, model, run_id: str | None) -> RunLogger:
@@ -65,16 +66,16 @@ def run(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except ConfigError as err:
         return fail(str(err))
-    with trainer.distributed() as (rank, world_size):
+    with distributed() as (rank, world_size):
         return _run(args, rank, world_size)
 
 
 def _run(args, rank: int, world_size: int) -> int:
     try:
-        trainer.rank0_first(_check_tracking, default_tracking_uri())  # before anything is created on disk
+        rank0_first(_check_tracking, default_tracking_uri())  # before anything is created on disk
         setup = trainer.prepare(args, rank, world_size)
         spec = args.tokenizer or args.init_from  # a model to continue brings its own tokenizer
-        tokenizer = trainer.rank0_first(build_tokenizer, spec, args.dataset, trainer.TOKENIZER_CACHE)
+        tokenizer = rank0_first(build_tokenizer, spec, args.dataset, TOKENIZER_CACHE)
         data = PackedBatches(args.dataset, tokenizer, setup.preset.seq_len, setup.preset.micro_batch, rank=rank,
                              world_size=world_size, seed=args.seed, split="train")  # fmt: skip
         model = trainer.build_model(setup, tokenizer)
@@ -147,7 +148,7 @@ def _train(engine, scheduler, setup, data, tokenizer, logger, start_step: int) -
             torch.cuda.synchronize()
         step_s = time.perf_counter() - t0
         step += 1
-        loss = trainer.mean_over_ranks(losses)
+        loss = mean_over_ranks(losses)
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         metrics = {
@@ -237,4 +238,4 @@ def _summary(setup, step: int, timings: list, tokens_per_step: int, last: dict) 
 
 
 def main() -> None:
-    trainer.exit_after_distributed(run())
+    exit_after_distributed(run())

@@ -3,31 +3,25 @@ packed data, the paper's optimiser and schedule, exact checkpoint/resume, metric
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import math
-import os
 import random
-import socket
 import subprocess
-import sys
 from argparse import Namespace
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 import vscale_plugin
 from vscale_plugin.data import DataError, PackedBatches
-from vscale_plugin.train.cli import UsageError, check_save_dir
-from vscale_plugin.train.ds_config import ConfigError, fill_ds_config, load_ds_config
+from vscale_plugin.launch.cli import UsageError
+from vscale_plugin.launch.distributed import mean_over_ranks
+from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
+from vscale_plugin.train.cli import check_save_dir
 from vscale_plugin.train.recipe import PRESETS, Preset, llama_config
-
-TOKENIZER_CACHE = Path(os.environ.get("VSP_CACHE", Path.home() / ".cache" / "vscale_plugin"))
 
 # Dense bf16 peak FLOP/s per GPU, for MFU; devices not listed get no perf/mfu.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -44,69 +38,6 @@ class Setup:
     rank: int
     world_size: int
     device: torch.device
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group (deepspeed, torchrun), or make a one-process group."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # started as plain `python launchers/pretrain.py`
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        _unlink_shm_buffer()
-    return dist.get_rank(), dist.get_world_size()
-
-
-@contextlib.contextmanager
-def distributed() -> Iterator[tuple[int, int]]:
-    """``init_distributed`` for the body of a ``with``; the process group is destroyed when it ends, on every path,
-    so that a caller in the same process (a test, a notebook) is left without it. A process that exits afterwards
-    should do so through :func:`exit_after_distributed`, which also keeps gloo from aborting it at shutdown."""
-    ranks = init_distributed()
-    try:
-        yield ranks
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def exit_after_distributed(code: int) -> NoReturn:
-    """Exit with ``code`` after a ``with distributed()`` body: atexit handlers run, interpreter finalization does not.
-
-    Tearing down the interpreter of a process that has run gloo collectives can abort it with "terminate called
-    without an active exception" (exit -6) even after ``destroy_process_group``: DeepSpeed's engine still holds its
-    process groups, and they are destroyed during finalization (pytorch/pytorch#190489, #179291). CI saw it at random
-    on both a usage error's exit 2 and a finished run's exit 0. Everything worth keeping is done by then (MLflow run
-    closed, checkpoints written), and the atexit handlers (logging, compile workers) still run.
-    """
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _unlink_shm_buffer() -> None:
-    """Remove the name of this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce (its shm comm op).
-
-    DeepSpeed creates one 66 MB segment per rank and never unlinks it, so every CPU run under the deepspeed launcher
-    left its segments in /dev/shm (memory that is only freed by deleting them) until the machine ran out. Once every
-    rank has mapped every other rank's segment, which ``init_distributed`` does before returning (hence the
-    barrier), the names are no longer needed: the mappings stay valid and the memory goes when the ranks exit.
-    """
-    dist.barrier()
-    name = (
-        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
-    )
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(Path("/dev/shm") / name)
 
 
 def prepare(args: Namespace, rank: int, world_size: int) -> Setup:
@@ -143,23 +74,6 @@ def prepare(args: Namespace, rank: int, world_size: int) -> Setup:
 
 def _looks_like_hub_name(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
-
-
-def rank0_first(fn, *args, **kwargs):
-    """Run ``fn`` on rank 0, then on the others (e.g. training and caching a tokenizer once). An exception on
-    rank 0 is re-raised on every rank, so no rank waits forever."""
-    error: list[Any] = [None]
-    result = None
-    if dist.get_rank() == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except (DataError, ConfigError) as err:
-            error = [f"{type(err).__name__}:{err}"]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        kind, message = error[0].split(":", 1)
-        raise (DataError if kind == "DataError" else ConfigError)(message)
-    return result if dist.get_rank() == 0 else fn(*args, **kwargs)
 
 
 def build_model(setup: Setup, tokenizer) -> torch.nn.Module:
@@ -274,14 +188,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def mean_over_ranks(values: list[float]) -> float:
-    t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return (t[0] / t[1]).item()
 
 
 def evaluate(engine, setup: Setup, tokenizer) -> float:

@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vscale_plugin.launch.cli import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-
-
-class ConfigError(ValueError):
-    """A bad --ds_config or batch setting; the message names the fix. The launcher exits 2 on it."""
 
 
 def _available() -> str:
