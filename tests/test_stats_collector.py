@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 import vscale_plugin as vsp
 from vscale_plugin.stats import sinks
 from vscale_plugin.stats.collector import StatsCollector
+from vscale_plugin.stats.positions import Rows
 from vscale_plugin.testing.models import tiny_model
 
 
@@ -136,42 +137,80 @@ def test_non_finite_values_are_reported_and_warned_once_without_crashing():
     assert collector.result()["ma/mlp_out/tok0/L01"] != collector.result()["ma/mlp_out/tok0/L01"]  # NaN
 
 
-def _full_attention_column(q, k, scale, key_mask=None, window=None):
+def _full_attention_column(q, k, scale, mask, window=None, softcap=None):
+    """The attention column of each row's first real token, from the full float64 softmax (T x T)."""
     _, h, t, _ = q.shape
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     pos = torch.arange(t)
     visible = pos[None, :] <= pos[:, None]
     if window is not None:
         visible &= pos[:, None] - pos[None, :] < window
-    mask = visible[None, None]
-    if key_mask is not None:
-        mask = mask & key_mask[:, None, None, :].bool()
-    attn = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return attn[..., 0]
+    real = mask.bool()
+    attn = scores.masked_fill(~(visible[None, None] & real[:, None, None, :]), float("-inf")).softmax(-1)
+    first = real.long().argmax(1)
+    column = attn[torch.arange(q.shape[0]), :, :, first]  # (b, H, T): a_{t, first real token}
+    return torch.nan_to_num(column, nan=0.0) * real[:, None, :]
+
+
+def _padded_mask():
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, :6] = 0  # left padding
+    mask[2, 31:] = 0  # right padding
+    return mask
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("window", [None, 7])
-def test_chunked_sink_column_matches_the_full_softmax(monkeypatch, kv_heads, window):
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (7, None), (None, 1.5)])
+def test_chunked_sink_column_matches_the_full_softmax(monkeypatch, kv_heads, window, softcap):
     monkeypatch.setattr(sinks, "_CHUNK_ELEMENTS", 4 * 4 * 40 * 3)  # force several query chunks
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 40, 8, generator=g) * 2
     k = torch.randn(3, kv_heads, 40, 8, generator=g) * 2
-    key_mask = torch.ones(3, 40, dtype=torch.long)
-    key_mask[1, 5:9] = 0
-    column = sinks.sink_column(q, k, 0.3, key_mask=key_mask, sliding_window=window)
-    torch.testing.assert_close(
-        column.double(), _full_attention_column(q, k, 0.3, key_mask, window), rtol=1e-5, atol=1e-7
-    )
+    mask = _padded_mask()
+    rows = Rows.of(mask, 3, 40, torch.device("cpu"))
+    column = sinks.sink_column(q, k, 0.3, rows, sliding_window=window, softcap=softcap)
+    expected = _full_attention_column(q, k, 0.3, mask, window, softcap)
+    torch.testing.assert_close(column.double(), expected, rtol=1e-5, atol=1e-7)
+    assert column[1, :, 6].min() > 0  # the left-padded row's first real token attends to itself alone: a = 1
+    torch.testing.assert_close(column[1, :, 6], torch.ones(4))
 
 
 def test_sink_sums_follow_the_definitions():
     column = torch.zeros(2, 2, 70)
     column[0, 0, :] = 0.5  # alpha = 0.5 > 0.3: a sink
     column[1, 1, :64] = 0.2  # alpha = 0.2: not a sink
-    s = sinks.sink_sums(column)
+    s = sinks.sink_sums(column, Rows.unpadded(2, 70, torch.device("cpu")))
     assert s.tolist() == pytest.approx([1.0, 0.5 * 70 + 0.2 * 64, 0.25 * 70 + 0.04 * 64, 4.0])
+
+
+def test_sink_sums_count_each_row_from_its_first_real_token_over_its_own_length():
+    mask = torch.ones(3, 70, dtype=torch.long)
+    mask[0, :30] = 0  # 40 real tokens from position 30: its window is those 40
+    mask[2, :] = 0  # no real token at all: counts for nothing
+    rows = Rows.of(mask, 3, 70, torch.device("cpu"))
+    column = torch.zeros(3, 1, 70)
+    column[0, 0, 30:] = 0.35  # alpha = 0.35 over its own 40 queries: a sink
+    column[1, 0, :64] = 0.25  # alpha = 0.25: not a sink
+    s = sinks.sink_sums(column, rows)
+    assert s.tolist() == pytest.approx([1.0, 0.35 * 40 + 0.25 * 64, 0.35**2 * 40 + 0.25**2 * 64, 2.0])
+
+
+def test_rows_align_left_and_right_padding_and_refuse_holes():
+    mask = _padded_mask()
+    rows = Rows.of(mask, 3, 40, torch.device("cpu"))
+    assert rows.start.tolist() == [0, 6, 0] and rows.length.tolist() == [40, 34, 31]
+    x = torch.arange(3 * 40, dtype=torch.float64).view(3, 40, 1)
+    aligned = rows.align(x, 36)
+    assert aligned[1, :34, 0].tolist() == x[1, 6:, 0].tolist() and aligned[1, 34:].abs().sum() == 0
+    assert aligned[2, :31, 0].tolist() == x[2, :31, 0].tolist() and aligned[2, 31:].abs().sum() == 0
+    assert rows.counts(36).tolist() == [3.0] * 31 + [2.0] * 3 + [1.0] * 2
+    assert not Rows.of(torch.ones(3, 40), 3, 40, torch.device("cpu")).padded
+    mask[0, 10] = 0
+    with pytest.raises(ValueError, match="row 0 has padding between real tokens"):
+        Rows.of(mask, 3, 40, torch.device("cpu"))
 
 
 def test_statistics_run_without_building_a_t_by_t_tensor(monkeypatch):

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vscale_plugin.hf.registry import architecture_of, attention_layers
-from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, VScale, check_kernel
+from vscale_plugin.hf.registry import architecture_of, attention_layers, value_projection
+from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, Kernel, Mode, VScale, check_kernel
 
 CONFIG_KEY = "vscale"
 
@@ -47,17 +47,13 @@ def _refuse_deepspeed_engine(model: nn.Module, action: str) -> None:
         )
 
 
-def _value_proj(attn: nn.Module, model: nn.Module) -> nn.Module:
-    return getattr(attn, architecture_of(model).value_proj)
-
-
 def is_vscaled(model: nn.Module) -> bool:
     """True when V-scale is applied to ``model``."""
     return any(isinstance(getattr(m, CONFIG_KEY, None), VScale) for m in model.modules())
 
 
 def apply_vscale(
-    model: nn.Module, mode: str = "learned", sigma: float = DEFAULT_SIGMA, kernel: str = "eager"
+    model: nn.Module, mode: Mode = "learned", sigma: float = DEFAULT_SIGMA, kernel: Kernel = "eager"
 ) -> nn.Module:
     """Apply V-scale to every attention layer of ``model`` in place and return it.
 
@@ -82,7 +78,7 @@ def apply_vscale(
     head_dim_default = config.hidden_size // config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for attn in attention_layers(model):
-        v_proj = _value_proj(attn, model)
+        v_proj = value_projection(model, attn)
         weight = v_proj.weight
         vscale = VScale(
             num_kv_heads=num_kv_heads,
@@ -100,7 +96,7 @@ def apply_vscale(
     return model
 
 
-def set_vscale_kernel(model: nn.Module, kernel: str) -> nn.Module:
+def set_vscale_kernel(model: nn.Module, kernel: Kernel) -> nn.Module:
     """Compute V-scale in ``model`` with ``kernel``: "eager" (the reference, default) or "compiled" (fused by
     ``torch.compile``; falls back to eager with one warning where it cannot compile). Returns ``model``.
 
@@ -124,7 +120,7 @@ def remove_vscale(model: nn.Module) -> nn.Module:
     _refuse_deepspeed_engine(model, "remove")
     if is_vscaled(model):
         for attn in attention_layers(model):
-            v_proj = _value_proj(attn, model)
+            v_proj = value_projection(model, attn)
             for key in [k for k, hook in v_proj._forward_hooks.items() if isinstance(hook, ValueHook)]:
                 del v_proj._forward_hooks[key]
             del attn._modules[CONFIG_KEY]

@@ -1,6 +1,16 @@
 """V-scale math: pure PyTorch, no Hugging Face, no DeepSpeed."""
 
 from vscale_plugin.ops.fused import compiled_vscale_values
-from vscale_plugin.ops.vscale import KERNELS, MODES, VScale, phi, vscale_constant, vscale_values
+from vscale_plugin.ops.vscale import KERNELS, MODES, Kernel, Mode, VScale, phi, vscale_constant, vscale_values
 
-__all__ = ["KERNELS", "MODES", "VScale", "compiled_vscale_values", "phi", "vscale_constant", "vscale_values"]
+__all__ = [
+    "KERNELS",
+    "MODES",
+    "Kernel",
+    "Mode",
+    "VScale",
+    "compiled_vscale_values",
+    "phi",
+    "vscale_constant",
+    "vscale_values",
+]

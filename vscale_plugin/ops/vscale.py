@@ -6,11 +6,16 @@ Pure PyTorch. The Hugging Face integration (``vscale_plugin.hf``) places :class:
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-MODES = ("learned", "fixed")
-KERNELS = ("eager", "compiled")  # how VScale computes: vscale_values as is, or fused by torch.compile (ops/fused.py)
+Mode = Literal["learned", "fixed"]
+# How VScale computes: vscale_values as is, or fused by torch.compile (ops/fused.py).
+Kernel = Literal["eager", "compiled"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 DEFAULT_SIGMA = 0.02
 
 # ||v||^2 of a finite float32 vector can overflow to inf (||v|| > ~1.8e19). Clamping r keeps phi = 1 there
@@ -62,11 +67,11 @@ class VScale(nn.Module):
         num_kv_heads: int,
         head_dim: int,
         hidden_size: int,
-        mode: str = "learned",
+        mode: Mode = "learned",
         sigma: float = DEFAULT_SIGMA,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        kernel: str = "eager",
+        kernel: Kernel = "eager",
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -89,11 +94,11 @@ class VScale(nn.Module):
             self.register_buffer("theta", theta)
 
     @property
-    def kernel(self) -> str:
+    def kernel(self) -> Kernel:
         return self._kernel
 
     @kernel.setter
-    def kernel(self, kernel: str) -> None:
+    def kernel(self, kernel: Kernel) -> None:
         self._kernel = check_kernel(kernel)
 
     def reset_parameters(self) -> None:

@@ -1,0 +1,116 @@
+"""The SPEC section 2 formulas, as pure functions of what a capture accumulated (sums over sequences, micro-batches and
+ranks), and the section 4 names they are reported under. No hooks, no model: :mod:`vscale_plugin.stats.collector`
+gathers the sums, this module turns them into numbers.
+
+Positions are counted from each sequence's first real token; ``counts[p]`` is how many sequences have position p.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+PROFILE = 64  # positions whose gradients are kept (the paper's token-wise plots show 0..63)
+REST = 16  # "rest" averages tokens 1..15
+T_E = 31  # R_GS divides by the mean over tokens 1..31
+
+# Where gradients are taken: the residual stream around each branch, the two norm outputs, and the three views of h̃
+# whose gradients are the query, key and value paths. g(r_attn) = g(h_half) and g(r_mlp) = g(h_out) exactly (each
+# increment is added to the stream with unit Jacobian), so the increments need no gradient of their own.
+GRAD_POINTS = ("h_in", "h_tilde", "path_q", "path_k", "path_v", "h_half", "h_tilde_half", "h_out")
+# Forward norms: the residual stream, the two increments r_attn ("attn_out") and r_mlp ("mlp_out"), the values.
+FORWARD_POINTS = ("h_in", "h_half", "h_out", "attn_out", "mlp_out", "v")
+PATHS = (("grad_in", "h_tilde"), ("q", "path_q"), ("k", "path_k"), ("v", "path_v"))
+
+
+def tok0_rest(per_position: torch.Tensor, positions: int) -> tuple[float, float]:
+    """(value at token 0, mean over tokens 1..15) of a per-position profile; fewer when sequences are shorter."""
+    rest = per_position[1 : min(REST, positions)]
+    return per_position[0].item(), (rest.mean().item() if rest.numel() else float("nan"))
+
+
+def gradient_sink_ratio(grad_in: torch.Tensor, positions: int) -> float:
+    """R_GS = ||g(h̃_0)|| / mean_{t=1..T_e} ||g(h̃_t)||, T_e = 31 (or the last position of shorter sequences)."""
+    t_e = min(T_E, positions - 1)
+    return (grad_in[0] / grad_in[1 : t_e + 1].mean()).item() if t_e >= 1 else float("nan")
+
+
+def bloat(g_normed: torch.Tensor, g_increment: torch.Tensor) -> torch.Tensor:
+    """bloat = ||g(h̃_t)|| / ||g(r_t)|| per token: how much the branch (norm and sublayer) amplifies the gradient."""
+    return g_normed.norm(dim=-1) / g_increment.norm(dim=-1)
+
+
+def compress(g_before: torch.Tensor, g_after: torch.Tensor, g_normed: torch.Tensor) -> torch.Tensor:
+    """compress = ||g(h_in,t) - g(h_half,t)|| / ||g(h̃_t)||: what of the branch's gradient survives the norm."""
+    return (g_before - g_after).norm(dim=-1) / g_normed.norm(dim=-1)
+
+
+def change(g_before: torch.Tensor, g_after: torch.Tensor) -> torch.Tensor:
+    """change = ||g(h_in,t)|| / ||g(h_half,t)||: how much the whole block changes the residual gradient."""
+    return g_before.norm(dim=-1) / g_after.norm(dim=-1)
+
+
+def sink_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Sink rate (fraction of (sequence, head) pairs with alpha > eps), M_0 and S_0, each averaged over the pairs,
+    from the (4,) sums of :func:`vscale_plugin.stats.sinks.sink_sums`."""
+    pairs = max(sums[3].item(), 1.0)
+    return {"sink_rate": sums[0].item() / pairs, "mass": sums[1].item() / pairs, "mass_sq": sums[2].item() / pairs}
+
+
+def layer_metrics(tag: str, sums: dict[str, torch.Tensor], counts: torch.Tensor, world: int) -> dict[str, float]:
+    """Every per-layer metric of SPEC section 4 for layer ``tag`` from its summed state (keys ``fwd/<point>``,
+    ``grad/<point>``, ``sinks``, optionally ``phi``), ``counts`` of sequences per position and the number of
+    data-parallel ranks (gradients are averaged over them, as the optimiser's are)."""
+    out: dict[str, float] = {}
+    positions = int((counts > 0).sum().item())  # the longest sequence, capped at PROFILE
+    seen = counts[:REST].clamp_min(1.0)
+    for point in FORWARD_POINTS:  # massive activations: per-position norms averaged over sequences
+        out[f"ma/{point}/tok0/{tag}"], out[f"ma/{point}/rest/{tag}"] = tok0_rest(sums[f"fwd/{point}"] / seen, positions)
+    for name, value in sink_metrics(sums["sinks"]).items():
+        out[f"as/{name}/{tag}"] = value
+    if "phi" in sums:
+        out[f"vscale/phi/tok0/{tag}"], out[f"vscale/phi/rest/{tag}"] = tok0_rest(sums["phi"] / seen, positions)
+    g = {point: sums[f"grad/{point}"][:positions] / world for point in GRAD_POINTS}
+    if g["h_tilde"].abs().sum() == 0:  # no backward was captured (e.g. a forward under no_grad)
+        return out
+    norm = {point: g[point].norm(dim=-1) for point in GRAD_POINTS}
+    out[f"gs/ratio/{tag}"] = gradient_sink_ratio(norm["h_tilde"], positions)
+    for name, point in PATHS:
+        out[f"gs/{name}/tok0/{tag}"], out[f"gs/{name}/rest/{tag}"] = tok0_rest(norm[point], positions)
+    ratios = {
+        "bloat_attn": bloat(g["h_tilde"], g["h_half"]),
+        "compress_attn": compress(g["h_in"], g["h_half"], g["h_tilde"]),
+        "change_attn": change(g["h_in"], g["h_half"]),
+        "bloat_mlp": bloat(g["h_tilde_half"], g["h_out"]),
+        "compress_mlp": compress(g["h_half"], g["h_out"], g["h_tilde_half"]),
+        "change_mlp": change(g["h_half"], g["h_out"]),
+    }
+    for name, per_token in ratios.items():
+        out[f"gs/{name}/tok0/{tag}"], out[f"gs/{name}/rest/{tag}"] = tok0_rest(per_token, positions)
+    return out
+
+
+def gradient_profile(sums: dict[str, torch.Tensor], counts: torch.Tensor, world: int) -> dict[str, list[float]] | None:
+    """Per-position norms of g(h̃) and its three paths (positions 0..63), for the token-wise plots; None without a
+    captured backward."""
+    positions = int((counts > 0).sum().item())
+    norms = {name: (sums[f"grad/{point}"][:positions] / world).norm(dim=-1) for name, point in PATHS}
+    return None if norms["grad_in"].abs().sum() == 0 else {name: n.tolist() for name, n in norms.items()}
+
+
+def summaries(out: dict[str, float], layers: int) -> dict[str, float]:
+    """The summaries over layers: median R_GS, mean sink rate, max token-0 norms of h_out and mlp_out."""
+
+    def over_layers(prefix: str) -> list[float]:
+        return [out[f"{prefix}/L{i:02d}"] for i in range(layers) if f"{prefix}/L{i:02d}" in out]
+
+    result = {
+        "as/sink_rate/mean": statistics.fmean(over_layers("as/sink_rate")),
+        "ma/h_out/tok0/max": max(over_layers("ma/h_out/tok0")),
+        "ma/mlp_out/tok0/max": max(over_layers("ma/mlp_out/tok0")),
+    }
+    ratios = over_layers("gs/ratio")
+    if ratios:
+        result["gs/ratio/median"] = statistics.median(ratios)
+    return result
