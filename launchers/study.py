@@ -3,10 +3,10 @@
     python launchers/study.py --preset smoke --steps 150
     python launchers/study.py --preset 0.1B --dataset c4 --num_gpus 8 -- --tokenizer gpt2
 
-The work lives in vscale_plugin.study.
+The work lives in vscale_plugin.apps.study.
 """
 
-from vscale_plugin.study import main
+from vscale_plugin.apps.study import main
 
 if __name__ == "__main__":
     main()

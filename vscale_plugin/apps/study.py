@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from vscale_plugin.launch.cli import OneLineParser, UsageError, fail
+from vscale_plugin.launch.ds_config import CONFIG_DIR
 from vscale_plugin.train.recipe import PRESETS
 
-REPO = Path(__file__).resolve().parents[1]
+# The checkout this file sits in (vscale_plugin/apps/study.py): the study runs the launchers/ scripts next to it.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -33,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of each run (default: the preset's)")
     p.add_argument("--modes", default="off,learned", help="comma-separated --vscale modes; 'off' is the baseline")
     p.add_argument("--dataset", default="smoke")
-    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--ds_config", default=str(CONFIG_DIR / "zero2.json"))
     p.add_argument("--num_gpus", type=int, default=2, help="ranks per run (CPU ranks when there is no GPU)")
     p.add_argument("--stats_every", type=int, default=None, help="default: 5 measurements per run")
     p.add_argument("--seed", type=int, default=0)
