@@ -19,7 +19,16 @@ import pytest
 import sentencepiece
 import torch
 
-from vscale_plugin.data import DataError, PackedBatches, Tokenizer, build_tokenizer, packing, smoke_documents, sources
+from vscale_plugin.data import (
+    DataError,
+    PackedBatches,
+    Tokenizer,
+    build_tokenizer,
+    packing,
+    padded_batches,
+    smoke_documents,
+    sources,
+)
 
 C4_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4-sample.jsonl"
 
@@ -363,6 +372,42 @@ def test_eval_ranks_get_equal_disjoint_shares_of_the_same_batches(tok, c4_from_s
     assert len({len(batches) for batches in per_rank}) == 1 and len(per_rank[0]) == len(whole) // 3
     for r, batches in enumerate(per_rank):
         assert all(torch.equal(b, whole[3 * i + r]) for i, b in enumerate(batches))
+
+
+def test_documents_are_the_eval_documents_with_eos_split_between_ranks(tok, reference):
+    held = len(_sample_texts()) // 10
+    expected = [[*reference(t), tok.eos_id] for t in _sample_texts()[:held]]
+    whole = [d.tolist() for d in PackedBatches(str(C4_SAMPLE), tok, 64, 2, split="eval").documents()]
+    assert whole == expected
+    shares = [
+        [d.tolist() for d in PackedBatches(str(C4_SAMPLE), tok, 64, 2, rank=r, world_size=2, split="eval").documents()]
+        for r in range(2)
+    ]
+    assert shares == [expected[0::2], expected[1::2]]
+
+
+def test_train_documents_follow_the_training_stream(tok, small_texts, tmp_path):
+    data = PackedBatches(str(_write_jsonl(tmp_path / "d.jsonl", small_texts * 10)), tok, 64, 2)
+    first = [tuple(d[:-1].tolist()) for d in islice(data.documents(), 40)]
+    assert first == _epoch_token_docs(data)[:40]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_hold_one_cut_document_per_row_with_its_mask(side):
+    docs = [np.arange(n, dtype=np.int64) + 10 for n in (5, 9, 3, 20, 7)]
+    batches = list(padded_batches(docs, batch_size=2, seq_len=8, side=side, pad_id=0))
+    assert len(batches) == 2, "the incomplete last batch is dropped"
+    for (ids, mask), pair in zip(batches, [docs[0:2], docs[2:4]], strict=True):
+        width = max(min(len(d), 8) for d in pair)
+        assert ids.shape == mask.shape == (2, width) and ids.dtype == mask.dtype == torch.int64
+        for row, doc in enumerate(pair):
+            real = ids[row][mask[row].bool()]
+            assert real.tolist() == doc[:8].tolist(), "the document's first seq_len tokens, in order"
+            assert (ids[row][~mask[row].bool()] == 0).all()
+            first_real = int(mask[row].argmax())
+            assert first_real == (width - len(real) if side == "left" else 0)
+    with pytest.raises(DataError, match="padding side 'middle'"):
+        next(padded_batches(docs, 2, 8, "middle", 0))
 
 
 # --- C4 and every input format ------------------------------------------------------------------------------------

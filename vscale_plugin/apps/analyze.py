@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 import vscale_plugin
-from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, build_tokenizer
+from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, build_tokenizer, padded_batches
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
 from vscale_plugin.launch.distributed import distributed, exit_after_distributed, rank0_first
 from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
-from vscale_plugin.stats import StatsCollector
+from vscale_plugin.stats import StatsCollector, causal_lm_labels
 
 TABLE = (
     ("sink", "as/sink_rate"),
@@ -55,7 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="default: the model's own (or the checkpoint's run)")
     p.add_argument("--batches", type=int, default=8, help="batches per rank, combined into one gradient")
     p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
-    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (with --padding: at most)")
+    p.add_argument(
+        "--padding",
+        default="none",
+        choices=["none", "left", "right"],
+        help="none: documents packed into full windows, as in pretraining; left/right: one document per sequence "
+        "(its first --seq_len tokens), padded to the longest of its batch, measured from its first token",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn_implementation", default="sdpa")
     p.add_argument(
@@ -150,20 +157,18 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
         # engine.backward needs an optimiser (one ZeRO supports); it never steps, so it allocates no state.
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
         target, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    data = PackedBatches(args.dataset, tokenizer, args.seq_len, args.batch_size, rank=rank, world_size=world_size,
-                         seed=args.seed, split=args.split)  # fmt: skip
+    batches = _batches(args, tokenizer, rank, world_size)
     collector = StatsCollector(target, every=1)
-    batches = iter(data)
     with collector.capture(0):
         for index in range(args.batches):
             try:
-                batch = next(batches).to(device)
+                ids, mask = (t.to(device) if t is not None else None for t in next(batches))
             except StopIteration:
                 raise DataError(
                     f"--dataset {args.dataset} ({args.split}) has fewer than --batches {args.batches} batches of "
                     f"{args.batch_size} x {args.seq_len} tokens per rank; lower them"
                 ) from None
-            loss = target(input_ids=batch, labels=batch).loss
+            loss = target(input_ids=ids, attention_mask=mask, labels=causal_lm_labels(ids, mask)).loss
             if ds_config is None:
                 (loss / args.batches).backward()  # the mean gradient over the batches, as accumulation would give
             else:
@@ -172,6 +177,15 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
                 target.set_gradient_accumulation_boundary(index == args.batches - 1)
                 target.backward(loss)
     return {"metrics": collector.result(), "profiles": collector.profiles(), "model": model}
+
+
+def _batches(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
+    """(input_ids, attention_mask or None) per batch of this rank: packed windows, or padded documents."""
+    data = PackedBatches(args.dataset, tokenizer, args.seq_len, args.batch_size, rank=rank, world_size=world_size,
+                         seed=args.seed, split=args.split)  # fmt: skip
+    if args.padding == "none":
+        return ((ids, None) for ids in data)
+    return padded_batches(data.documents(), args.batch_size, args.seq_len, args.padding, pad_id=tokenizer.eos_id)
 
 
 def format_table(metrics: dict[str, float], layers: int) -> str:
@@ -227,8 +241,9 @@ def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world
     logger = RunLogger(args.experiment, run_name=args.run_name, tracking_uri=default_tracking_uri(),
                        tags={"analysis": "true", "vscale": vscale, "model": args.model},
                        spool_dir=Path(args.out or ".") / "mlflow-spool")  # fmt: skip
-    logger.log_params({"model_name": args.model, "dataset": args.dataset, "split": args.split, "batches": args.batches,
-                       "batch_size": args.batch_size, "seq_len": args.seq_len, "world_size": world_size,
+    logger.log_params({"model_name": args.model, "dataset": args.dataset, "split": args.split, "padding": args.padding,
+                       "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                       "world_size": world_size,
                        "vscale": vscale, "package_version": vscale_plugin.__version__,
                        "model": model.config.to_dict()})  # fmt: skip
     logger.log_metrics(metrics, step=0)

@@ -134,6 +134,16 @@ class PackedBatches:
             self._position = position
             yield batch
 
+    def documents(self) -> Iterator[np.ndarray]:
+        """This rank's tokenised documents, EOS appended, unpacked, in the order packing reads them: the training
+        stream from the current position (forever), or one pass of the eval split (every ``world_size``-th document
+        from the ``rank``-th, so ranks read disjoint documents)."""
+        if self.split == "eval":
+            documents = islice(self._eval_documents(), self.rank, None, self.world_size)
+        else:
+            documents = self._train_documents(self._position)
+        return (tokens for tokens, _ in documents)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position after the last batch handed out, with what it is only valid for."""
         return {**self._identity(), "position": asdict(self._position)}

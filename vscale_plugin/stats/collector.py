@@ -385,7 +385,7 @@ def _all_reduce_sum(tensors: dict[str, torch.Tensor], device: torch.device) -> d
     return out
 
 
-def _causal_lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def causal_lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Labels that make the loss the one of the unpadded sequences together: pads are ignored, and so is each row's
     first real token (after a left pad it would be "predicted" from a pad position)."""
     if attention_mask is None:
@@ -403,7 +403,7 @@ def measure(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     were (the measurement's own gradients are discarded).
     """
     collector = StatsCollector(model, every=1, distributed=False)
-    labels = _causal_lm_labels(input_ids, attention_mask)
+    labels = causal_lm_labels(input_ids, attention_mask)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     for p in params:
