@@ -23,8 +23,9 @@ def test_one_call_example_runs_verbatim(tmp_path):
 
 
 def test_support_table_lists_exactly_the_registry():
-    rows = re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+) \|", README.read_text(), flags=re.M)
+    rows = re.findall(r"^\| `([a-z0-9_]+)` \|([^|]*)\|([^|]*)\|([^|]*)\|$", README.read_text(), flags=re.M)
     rows = [row for row in rows if row[0] != "model_type"]  # the header
-    assert {model_type: family.strip() for model_type, family in rows} == {
-        arch.model_type: arch.family for arch in REGISTRY.values()
+    assert {model_type: tuple(cell.strip() for cell in cells) for model_type, *cells in rows} == {
+        arch.model_type: (arch.family, arch.note, "yes" if arch.has_statistics else f"no: {arch.no_statistics}")
+        for arch in REGISTRY.values()
     }

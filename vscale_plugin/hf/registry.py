@@ -93,8 +93,7 @@ _ARCHITECTURES = [
         mlp_norm=None,
         attn_increment="post_attention_layernorm",
         mlp_increment="post_feedforward_layernorm",
-        no_statistics="no norm before attention or the MLP (OLMo 2 normalises each branch's output), so h̃ and "
-        "h̃_half of SPEC section 2 do not exist",
+        no_statistics="it has no norm before its branches (it normalises their outputs), so SPEC's h̃ does not exist",
     ),
     Architecture("starcoder2", "StarCoder2", "biases, LayerNorm, sliding window", window="config"),
     Architecture("smollm3", "SmolLM3", "NoPE layers", rope_flag="use_rope", window="layer_types"),
