@@ -5,10 +5,10 @@
     python launchers/compare.py --experiment vscale-plugin --runs RUN_ID RUN_ID --out compare/
 
 Writes report.md and figures/*.png to --out and logs them as a new MLflow run tagged `comparison`.
-The work lives in vscale_plugin.apps.compare.
+The work lives in vscale_plugin.apps.compare; the command is its cli module.
 """
 
-from vscale_plugin.apps.compare import main
+from vscale_plugin.apps.compare.cli import main
 
 if __name__ == "__main__":
     main()
