@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import vscale_plugin as vsp
-from vscale_plugin.data import PackedBatches, build_tokenizer
+from vscale_plugin.data import PackedBatches, build_tokenizer, padded_batches
 from vscale_plugin.testing.models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,29 @@ def test_analyze_matches_measure_on_the_same_sequences_and_logs_to_mlflow(saved)
         "stats/metrics.json",
         "stats/profiles.json",
     ]
+
+
+def test_analyze_on_padded_documents_equals_measure_and_does_not_depend_on_the_padding_side(saved):
+    args = ("--model", saved / "model", "--dataset", saved / "corpus.jsonl", "--batch_size", 3, "--seq_len", 48)
+    runs = {}
+    for side in ("left", "right"):
+        proc = _analyze(saved, *args, "--batches", 1, "--padding", side, "--out", saved / side, "--run_name", side)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[side] = json.loads((saved / side / "metrics.json").read_text())
+
+    tokenizer = build_tokenizer(str(saved / "model"), str(saved / "corpus.jsonl"), saved / "cache")
+    documents = PackedBatches(str(saved / "corpus.jsonl"), tokenizer, 48, 3, split="eval").documents()
+    ids, mask = next(padded_batches(documents, 3, 48, "left", pad_id=tokenizer.eos_id))
+    assert len(set(mask.sum(1).tolist())) > 1, "the documents must differ in length, or nothing is padded"
+    model = vsp.from_pretrained(saved / "model", attn_implementation="sdpa")
+    expected = vsp.measure(model, ids, attention_mask=mask)
+    for side, metrics in runs.items():
+        assert set(metrics) == set(expected), side
+        for key, value in expected.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-9), (side, key)
+    # Position 0 is each document's first token, not a window's: the padded run measures other sequences.
+    packed = vsp.measure(model, next(iter(PackedBatches(str(saved / "corpus.jsonl"), tokenizer, 48, 3, split="eval"))))
+    assert packed["ma/h_in/tok0/L00"] != pytest.approx(expected["ma/h_in/tok0/L00"], rel=1e-3)
 
 
 def test_analyze_missing_model_is_a_one_line_error(saved):
