@@ -90,6 +90,20 @@ def test_plain_module_aggregation_is_what_makes_them_equal(ranks: list[dict], re
         assert len(off) > 10, off
 
 
+def test_padded_halves_on_two_ranks_equal_the_whole_padded_batch(ranks: list[dict]) -> None:
+    # Rows of different lengths, left and right padded, split over the ranks: positions are counted from each row's
+    # first real token, and the per-position sequence counts are combined over ranks like the sums they divide.
+    reference = ranks[0]["padded_reference"]
+    assert reference["as/sink_rate/L00"] == pytest.approx(0.75)  # rows 0-2 start with the planted BOS, also padded
+    keys = [k for k in reference if not _is_grad(k)]
+    for res in ranks:
+        assert set(res["padded"]) == set(reference)
+        bad = _mismatches(res["padded"], reference, keys)
+        assert not bad, f"rank {res['rank']}: (key, one process, 2 ranks) {bad}"
+    # Positions < 16 see the same tokens as unpadded rows (causal), but the column mass sums over fewer queries.
+    assert reference["as/mass/L00"] < 0.95 * ranks[0]["reference"]["as/mass/L00"]
+
+
 def test_plain_module_every_rank_returns_the_same_metrics(ranks: list[dict]) -> None:
     # grad/... of a plain module are read from the local .grad (nothing all-reduced them here), the rest is shared.
     first, second = (res["plain"]["metrics"] for res in ranks)

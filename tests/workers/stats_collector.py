@@ -6,6 +6,9 @@ One launch runs every scenario and writes what each rank saw to ``<out>/rank<R>.
 - ``plain``: the same model as a plain module, data parallel by hand (rank r: sequences 2r, 2r+1), collected with
   ``StatsCollector(model, every=1)``; ``plain_local`` is the same half batch with ``distributed=False`` (what this
   rank alone sees, so that the test can show the aggregation matters).
+- ``padded``: a padded batch (rows of 40..48 real tokens, left and right padded), half per rank with
+  ``attention_mask``, plain module; ``padded_reference`` (rank 0) is ``vsp.measure`` of the whole padded batch. Both
+  halves hold the same number of loss targets, so the mean of the ranks' mean losses is the whole batch's mean.
 - ``stages[S]``: a DeepSpeed engine with ZeRO stage S, 2 micro-batches of 1 sequence per rank (rank r, micro-batch
   m: sequence 2r + m), gradient clipping 1e-3 (it binds), ``StatsCollector(engine, every=1)``; then one idle step
   with ``StatsCollector(engine, every=2).capture(1)``.
@@ -28,6 +31,7 @@ import torch.distributed as dist
 
 import vscale_plugin as vsp
 from vscale_plugin.launch.distributed import distributed, exit_after_distributed
+from vscale_plugin.stats import causal_lm_labels
 from vscale_plugin.testing.models import tiny_model
 
 STAGES = (0, 1, 2, 3)
@@ -118,6 +122,28 @@ def plain(ids: torch.Tensor, rank: int) -> dict:
     return out
 
 
+# Real tokens per padded row: ranks hold rows (0, 1) and (2, 3), 40 + 48 = 44 + 44 tokens each.
+PADDED_LENGTHS = (40, 48, 44, 44)
+
+
+def padded_batch(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``ids`` cut to PADDED_LENGTHS, rows 0 and 2 left-padded, 1 and 3 right-padded (pad id 0)."""
+    padded = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(PADDED_LENGTHS):
+        cols = slice(SEQ_LEN - n, SEQ_LEN) if row % 2 == 0 else slice(0, n)
+        padded[row, cols], mask[row, cols] = ids[row, :n], 1
+    return padded, mask
+
+
+def padded(ids: torch.Tensor, rank: int) -> dict:
+    x, mask = (t[2 * rank : 2 * rank + 2] for t in padded_batch(ids))
+    collector = vsp.StatsCollector(build_model(), every=1)
+    with collector.capture(0):
+        collector.model(input_ids=x, attention_mask=mask, labels=causal_lm_labels(x, mask)).loss.backward()
+    return collector.result()
+
+
 def engine_step(engine, ids: torch.Tensor, rank: int, on_forward=None) -> list[float]:
     losses = []
     for mb in range(GAS):
@@ -185,7 +211,9 @@ def work(args: argparse.Namespace) -> None:
     res: dict = {"rank": rank, "world_size": world, "ids": ids.tolist()}
     if rank == 0:
         res["reference"] = vsp.measure(build_model(), ids)
+        res["padded_reference"] = vsp.measure(build_model(), *padded_batch(ids))
     res["plain"] = plain(ids, rank)
+    res["padded"] = padded(ids, rank)
     res["stages"] = {str(s): stage(s, ids, rank, world) for s in STAGES}
     (args.out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
     dist.barrier()
