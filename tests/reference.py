@@ -1,4 +1,5 @@
-"""An independent eager Llama/Mistral forward with V-scale, written from SPEC section 1 and the Llama paper.
+"""An independent eager Llama/Mistral forward with V-scale, written from SPEC section 1 and the Llama paper, and the
+building blocks (norms, rotary embeddings, masks) of the all-architecture reference in ``tests/stats_reference.py``.
 
 It shares no code with ``vscale_plugin`` or transformers' modeling files: it reads only the state dict and a few
 config numbers, so tests can compare the patched Hugging Face model against it in float64.
@@ -31,13 +32,56 @@ class Shapes:
             heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            eps=config.rms_norm_eps,
+            eps=getattr(config, "rms_norm_eps", None) or config.norm_epsilon,  # StarCoder2 names it norm_epsilon
             rope_base=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
         )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm_1p(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: the gain is ``1 + weight`` (its weights start at 0)."""
+    return (1.0 + weight) * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    centred = x - x.mean(-1, keepdim=True)
+    return weight * centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + eps) + bias
+
+
+def rope_angles(t: int, rotary_dim: int, base: float) -> torch.Tensor:
+    """theta_{p,i} = p * base^(-2i / rotary_dim) for positions p < t and pairs i < rotary_dim / 2, float64."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    return torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]
+
+
+def rope_half_split(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on ``(..., T, d)``, Llama's convention: pair i is (x_i, x_{i + d/2}), all d dims rotate."""
+    d = x.shape[-1]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def rope_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on ``(..., T, d)``, GLM's convention: pair i is (x_{2i}, x_{2i+1}); only the first
+    ``2 * angles.shape[-1]`` dims rotate (partial rotary), the rest pass unchanged."""
+    rotary = 2 * angles.shape[-1]
+    rot, rest = x[..., :rotary], x[..., rotary:]
+    even, odd = rot[..., 0::2], rot[..., 1::2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2)
+    return torch.cat([rotated, rest], -1)
+
+
+def causal_mask(t: int, window: int | None = None) -> torch.Tensor:
+    """``(T, T)`` bool, True where query t may attend key s: s <= t, and t - s < window with a sliding window."""
+    q = torch.arange(t)[:, None]
+    k = torch.arange(t)[None, :]
+    allowed = k <= q
+    return allowed if window is None else allowed & (k > q - window)
 
 
 def rope(x: torch.Tensor, base: float) -> torch.Tensor:
