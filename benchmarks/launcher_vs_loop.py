@@ -16,7 +16,7 @@ preset's Llama with learned V-scale, the smoke corpus packed by the launcher's `
 
 The two run one after the other (two programs cannot interleave steps); ``ratio`` = launcher / loop tokens/s, near 1
 when DeepSpeed, V-scale's hook, logging and the progress bar cost little. MFU uses the launcher's FLOP count
-(``trainer.count_flops_per_token``) and the device's dense bf16 peak. The last line printed is one JSON object.
+(``train.throughput.count_flops_per_token``) and the device's dense bf16 peak. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ import vscale_plugin as vsp
 from benchmarks.common import emit, machine, sync
 from vscale_plugin.data import TOKENIZER_CACHE, PackedBatches, build_tokenizer
 from vscale_plugin.testing.distributed import deepspeed_executable, free_port
-from vscale_plugin.train import trainer
+from vscale_plugin.train.engine import param_groups
+from vscale_plugin.train.model import new_model
 from vscale_plugin.train.recipe import PRESETS, llama_config
+from vscale_plugin.train.schedule import lr_lambda
+from vscale_plugin.train.throughput import count_flops_per_token, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,8 +106,6 @@ def run_launcher(args: argparse.Namespace, work: Path) -> dict:
 
 def run_loop(args: argparse.Namespace, cache_dir: Path) -> dict:
     """The hand-written loop on the launcher's model, data, optimiser and schedule."""
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = PRESETS[args.preset].with_overrides(
@@ -112,17 +113,16 @@ def run_loop(args: argparse.Namespace, cache_dir: Path) -> dict:
     )
     tokenizer = build_tokenizer(None, "smoke", cache_dir)
     data = iter(PackedBatches("smoke", tokenizer, preset.seq_len, preset.micro_batch, seed=0, split="train"))
-    torch.manual_seed(0)
     config = llama_config(preset, preset.vocab_size or tokenizer.vocab_size, tokenizer.eos_id)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
+    model = new_model(config, seed=0, attn_implementation=args.attn_implementation)  # the launcher's init (--seed 0)
     model = vsp.apply_vscale(model, sigma=preset.init_std).to(device).train()
     model.config.use_cache = False
-    groups = trainer.param_groups(model, preset.weight_decay)
+    groups = param_groups(model, preset.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=preset.lr, betas=preset.betas, eps=preset.eps, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_lambda(preset))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(preset))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    flops_per_token = trainer.count_flops_per_token(config, preset.seq_len)
-    peak = trainer.peak_flops(device)
+    flops_per_token = count_flops_per_token(config, preset.seq_len)
+    peak = peak_flops(device)
     tokens = preset.micro_batch * preset.seq_len
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -6,8 +6,9 @@ import pytest
 
 import vscale_plugin as vsp
 from vscale_plugin.testing.models import tiny_model
+from vscale_plugin.train.engine import param_groups
 from vscale_plugin.train.recipe import PRESETS, llama_config
-from vscale_plugin.train.trainer import lr_lambda, param_groups
+from vscale_plugin.train.schedule import lr_lambda
 
 # SPEC section 5: layers, hidden, heads, kv heads, head dim, MLP, context, peak lr, min lr
 PAPER = {

@@ -1,4 +1,5 @@
-"""The launcher's flags (SPEC section 6) and their validation. Every bad input is a one-line error and exit 2,
+"""The launcher's flags (SPEC section 6): parsed and checked (``parse_args``), then resolved into the run's
+:class:`~vscale_plugin.train.config.RunConfig` (``build_config``). Every bad input is a one-line error and exit 2,
 before any training starts."""
 
 from __future__ import annotations
@@ -8,7 +9,14 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
+from vscale_plugin.data import DataError
 from vscale_plugin.launch.cli import OneLineParser, UsageError
+from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
+from vscale_plugin.ops.vscale import KERNELS, MODES
+from vscale_plugin.train.checkpoint import has_checkpoint
+from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import PRESETS
 
 
@@ -33,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue pretraining an existing HF Llama/Mistral model (name or path) instead of a preset",
     )
-    p.add_argument("--vscale", default="learned", choices=["learned", "fixed", "off"], help="'off' is the baseline")
+    p.add_argument("--vscale", default="learned", choices=[*MODES, "off"], help="'off' is the baseline")
     p.add_argument(
         "--vscale_kernel",
         default="eager",
-        choices=["eager", "compiled"],
+        choices=KERNELS,
         help="V-scale's kernel: eager PyTorch, or fused by torch.compile (falls back to eager where it cannot compile)",
     )
     p.add_argument(
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, each checked on its own and against the others; what needs the ranks waits for build_config."""
     args = build_parser().parse_args(argv)
     if args.ds_config is None:
         raise UsageError("--ds_config is required; e.g. --ds_config ds_configs/zero2.json")
@@ -122,26 +131,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if clash:
             raise UsageError(f"--no_checkpoint writes no checkpoint, so {' and '.join(clash)} cannot be used with it; "
                              "drop one of them")  # fmt: skip
-    if args.run_name is None:
-        args.run_name = (
-            f"{args.preset if args.init_from is None else 'init'}-{args.vscale}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-    if args.save_dir is None:
-        if args.resume:
-            raise UsageError("--resume needs --save_dir DIR: the directory of the run to continue")
-        args.save_dir = str(Path("checkpoints") / args.run_name)
+    if args.resume and args.save_dir is None:
+        raise UsageError("--resume needs --save_dir DIR: the directory of the run to continue")
     return args
+
+
+def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    """The run configuration of parsed flags on ``world_size`` ranks: the recipe and DeepSpeed config resolved, the
+    dataset, --init_from and --save_dir checked (the save dir is created). Raises UsageError/ConfigError/DataError."""
+    raw = load_ds_config(args.ds_config)
+    recipe = PRESETS[args.preset].with_overrides(
+        max_steps=args.max_steps, seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
+        lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+    )  # fmt: skip
+    if args.global_batch is None and args.micro_batch is not None:
+        recipe = recipe.with_overrides(global_batch=max(recipe.global_batch, recipe.micro_batch * world_size))
+    gpu = torch.cuda.is_available()
+    ds_config = fill_ds_config(
+        raw,
+        micro_batch=recipe.micro_batch,
+        global_batch=recipe.global_batch,
+        world_size=world_size,
+        grad_clip=recipe.grad_clip,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        pin_memory=gpu,
+    )
+    if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
+        raise DataError(f"--dataset {args.dataset}: no such file or directory; give a jsonl/json/parquet/txt file, a "
+                        "directory of them or a saved HF dataset, or use --dataset smoke / --dataset c4")  # fmt: skip
+    if args.init_from is not None and not _looks_like_hub_name(args.init_from) and not Path(args.init_from).exists():
+        raise UsageError(
+            f"--init_from {args.init_from}: no such directory; give a saved HF model directory or a hub name"
+        )
+    run_name = args.run_name or (
+        f"{args.preset if args.init_from is None else 'init'}-{args.vscale}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    save_dir = Path(args.save_dir) if args.save_dir is not None else Path("checkpoints") / run_name
+    check_save_dir(save_dir, args.resume)
+    return RunConfig(
+        recipe=recipe,
+        init_from=args.init_from,
+        vscale=args.vscale,
+        vscale_kernel=args.vscale_kernel,
+        attn_implementation=args.attn_implementation,
+        activation_checkpointing=args.activation_checkpointing,
+        seed=args.seed,
+        dataset=args.dataset,
+        tokenizer=args.tokenizer,
+        ds_config=ds_config,
+        world_size=world_size,
+        eval_every=args.eval_every or max(1, recipe.max_steps // 10),
+        eval_batches=args.eval_batches,
+        stats_every=args.stats_every,
+        log_every=args.log_every,
+        stop_after_steps=args.stop_after_steps,
+        save_dir=save_dir,
+        save_every=args.save_every,
+        resume=args.resume,
+        checkpoint=not args.no_checkpoint,
+        experiment=args.experiment,
+        run_name=run_name,
+    )
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
 
 
 def check_save_dir(save_dir: Path, resume: bool) -> None:
     """A writable directory; holding a checkpoint exactly when --resume is given (nothing is ever overwritten)."""
-    has_checkpoint = (save_dir / "latest").is_file()
-    if resume and not has_checkpoint:
+    found = has_checkpoint(save_dir)
+    if resume and not found:
         raise UsageError(
             f"--resume: no checkpoint in {save_dir} (no 'latest' file); start without --resume, or "
             "point --save_dir at the directory of the run to continue"
         )
-    if not resume and has_checkpoint:
+    if not resume and found:
         raise UsageError(
             f"--save_dir {save_dir} already holds a checkpoint; pass --resume to continue it or choose "
             "another --save_dir"
