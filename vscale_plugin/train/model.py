@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ import vscale_plugin
 from vscale_plugin.data import DataError, Tokenizer
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import llama_config
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
@@ -56,7 +60,7 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
     return model.train()
 
 
-def new_model(model_config, seed: int, attn_implementation: str = "sdpa") -> nn.Module:
+def new_model(model_config: PretrainedConfig, seed: int, attn_implementation: str = "sdpa") -> nn.Module:
     """A new causal LM of ``model_config`` (a transformers config) with the initial weights of ``seed``: the same
     tensors whether it is built plainly or under ZeRO-3 (``HfDeepSpeedConfig`` alive), on any number of ranks."""
     from transformers import AutoModelForCausalLM
@@ -85,9 +89,10 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
     rank and a disk round trip of every weight, for every run. Under ZeRO-3 here one module's parameters at a time
     are gathered (``GatheredParameters(..., modifier_rank=0)``), filled on rank 0 and scattered back into the
     partitions, so no rank ever holds more than the largest module in full (the embedding: 0.2 GB in bf16 at 1B)
-    on top of its partitions. Drawing on the CPU keeps the weights identical on CPU and GPU machines; at 1B that is
-    a few seconds once per run. Under ZeRO-3, transformers' own init pass runs before this one (it comes with
-    building into partitions) and is overwritten.
+    on top of its partitions. Drawing on the CPU gives the same float32 values on CPU and GPU machines (a bf16 run
+    rounds them once, as DeepSpeed's cast of a plain model does); at 1B that is a few seconds once per run. Under
+    ZeRO-3, transformers' own init pass runs before this one (it comes with building into partitions) and is
+    overwritten.
 
     Modules with parameters of another kind are refused (their init is model-specific); V-scale is applied after
     this, so its theta keeps its own zero init.
@@ -137,7 +142,9 @@ def _kind(module: nn.Module, name: str) -> str:
     )
 
 
-def _initial_value(kind: str, param_name: str, full_name: str, shape: torch.Size, seed: int, std: float):
+def _initial_value(
+    kind: str, param_name: str, full_name: str, shape: torch.Size, seed: int, std: float
+) -> torch.Tensor:
     if param_name == "bias":
         return torch.zeros(shape)
     if kind == "norm":
