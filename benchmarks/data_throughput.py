@@ -31,7 +31,7 @@ from benchmarks.common import emit
 from vscale_plugin.data import TOKENIZER_CACHE, PackedBatches, build_tokenizer
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
-DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared/data/c4-sample.jsonl"
+DEFAULT_DATASET = Path(__file__).resolve().parents[1] / "tests" / "data" / "c4-sample.jsonl"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.train_steps = args.train_steps or (3 if args.quick else 10)
     if args.dataset != "smoke" and not Path(args.dataset).exists():
         p.error(
-            f"--dataset {args.dataset}: no such file; the C4 sample lives at {DEFAULT_DATASET} in a full checkout "
-            "(../shared/data next to the repository); pass --dataset PATH to another jsonl file"
+            f"--dataset {args.dataset}: no such file; the C4 sample lives at {DEFAULT_DATASET} in a checkout of the "
+            "repository; pass --dataset PATH to another jsonl file"
         )
     if args.device == "cuda" and not torch.cuda.is_available() and args.train_tokens_per_s is None:
         p.error("--device cuda: no CUDA device is visible; use --device cpu or give --train_tokens_per_s")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-C4_SAMPLE = REPO.parent / "shared" / "data" / "c4-sample.jsonl"
+C4_SAMPLE = REPO / "tests" / "data" / "c4-sample.jsonl"
 KERNELS = ("eager", "compiled")
 # What each benchmark imports beyond torch and transformers. A step whose needs do not import here is reported as
 # skipped with the import error, so that an offline host without, say, pyarrow still gets the V-scale and collector

@@ -30,7 +30,7 @@ from vscale_plugin.data import (
     sources,
 )
 
-C4_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4-sample.jsonl"
+C4_SAMPLE = Path(__file__).resolve().parent / "data" / "c4-sample.jsonl"  # real C4 (ODC-BY), see tests/data/README.md
 
 
 def _sample_texts() -> list[str]:
