@@ -1,6 +1,8 @@
 """StatsCollector behaviour in one process: idle cost, micro-batch combination, kernels, checkpointing, sinks."""
 
 import functools
+import math
+import warnings
 
 import pytest
 import torch
@@ -242,3 +244,62 @@ def test_bf16_autocast_statistics_are_finite_and_close_to_float32():
     assert all(v == v and abs(v) != float("inf") for v in got.values())
     for key in ("ma/h_out/tok0/L01", "ma/v/rest/L00", "as/mass/L00", "gs/grad_in/rest/L00", "vscale/phi/tok0/L00"):
         assert got[key] == pytest.approx(expected[key], rel=0.05), key
+
+
+@pytest.mark.parametrize("t", [3, 5, 12, 20])
+def test_short_sequences_are_measured_over_the_positions_they_have(t):
+    # Below 16 (and 64) tokens the profiles are shorter, not padded with zeros: "rest" is the mean over tokens
+    # 1..t-1 of the forward norms, and over 1..t-2 of the gradients (the last token predicts nothing, so nothing
+    # flows back to it). Checked against HF's own hidden states and a hand hook on the input norm's output.
+    model = _model()
+    ids = _ids(batch=3, t=t)
+    kept = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        kept["h_tilde"] = output
+
+    handle = model.model.layers[1].input_layernorm.register_forward_hook(keep)
+    out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    out.loss.backward()
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing non-finite to warn about
+        got = vsp.measure(model, ids)
+    h_in = out.hidden_states[1].detach().norm(dim=-1).mean(0)  # layer 1's input, per position
+    assert got["ma/h_in/tok0/L01"] == pytest.approx(h_in[0].item(), rel=1e-5)
+    assert got["ma/h_in/rest/L01"] == pytest.approx(h_in[1 : min(t, 16)].mean().item(), rel=1e-5)
+    g = kept["h_tilde"].grad.sum(0).norm(dim=-1)
+    assert g[t - 1] == 0
+    assert got["gs/grad_in/rest/L01"] == pytest.approx(g[1 : min(t - 1, 16)].mean().item(), rel=1e-5)
+    assert got["gs/ratio/L01"] == pytest.approx((g[0] / g[1 : min(t - 1, 32)].mean()).item(), rel=1e-5)
+    assert set(got) == set(vsp.measure(model, _ids(batch=3, t=48)))
+
+
+def test_two_token_sequences_leave_out_what_they_cannot_define():
+    got = vsp.measure(_model(), _ids(batch=2, t=2))
+    assert "gs/grad_in/tok0/L00" in got and "ma/h_in/rest/L00" in got
+    assert "gs/ratio/L00" not in got and "gs/grad_in/rest/L00" not in got  # only token 0 has a gradient
+    assert all(math.isfinite(v) for v in got.values())
+
+
+def test_measure_takes_one_sequence_any_integer_ids_and_any_grad_mode():
+    model = _model()
+    ids = _ids(batch=1, t=24)
+    expected = vsp.measure(model, ids)
+    assert vsp.measure(model, ids[0]) == expected
+    assert vsp.measure(model, ids.int()) == expected
+    with torch.no_grad():
+        assert vsp.measure(model, ids) == expected
+    with torch.inference_mode():
+        assert vsp.measure(model, ids) == expected
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_measure_refuses_what_are_not_token_ids_naming_the_fix():
+    model = _model()
+    with pytest.raises(TypeError, match=r"integer token ids, got torch\.float32; tokenise"):
+        vsp.measure(model, torch.rand(2, 20))
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4\); give \(batch, seq_len\)"):
+        vsp.measure(model, torch.zeros(2, 3, 4, dtype=torch.long))

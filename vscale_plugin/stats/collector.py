@@ -92,7 +92,7 @@ class StatsCollector:
         self._profiles: dict[str, Any] = {}
         self._warned = False
         self._sums: list[dict[str, torch.Tensor]] = []
-        self._counts = torch.zeros(PROFILE, dtype=torch.float64)
+        self._counts = torch.zeros(PROFILE + 1, dtype=torch.float64)
         self._capture_token = object()
         self._param_norms: dict[str, float] = {}
         self._scratch: list[dict[str, torch.Tensor]] = []
@@ -110,7 +110,7 @@ class StatsCollector:
             yield
             return
         self._sums = [{} for _ in self.layers]
-        self._counts = torch.zeros(PROFILE, dtype=torch.float64)
+        self._counts = torch.zeros(PROFILE + 1, dtype=torch.float64)
         self._capture_token = object()
         self._scratch = [{} for _ in self.layers]
         self._param_norms, self._mask, self._rows = {}, None, None
@@ -173,7 +173,7 @@ class StatsCollector:
     def _current_rows(self, h_in: torch.Tensor) -> Rows:
         if self._rows is None:
             self._rows = Rows.of(self._mask, h_in.shape[0], h_in.shape[1], h_in.device)
-            self._counts += self._rows.counts(PROFILE).cpu()
+            self._counts += self._rows.counts(PROFILE + 1).cpu()  # see metrics.profile_lengths
         return self._rows
 
     def _record(self, i: int, point: str, x: torch.Tensor) -> None:
@@ -339,7 +339,7 @@ class StatsCollector:
     def _metrics(self, state: dict[str, torch.Tensor], world: int) -> tuple[dict[str, float], dict[str, Any]]:
         counts = state["counts"]
         out: dict[str, float] = {}
-        profiles: dict[str, Any] = {"positions": list(range(int((counts > 0).sum()))), "layers": {}}
+        profiles: dict[str, Any] = {"positions": list(range(metrics.profile_lengths(counts)[1])), "layers": {}}
         for i, sums in enumerate(self._sums):
             tag = f"L{i:02d}"
             layer = {key.split("/", 1)[1]: value for key, value in state.items() if key.startswith(f"{tag}/")}
@@ -400,8 +400,34 @@ def measure(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     With ``attention_mask`` (left or right padding), each row is measured from its first real token and pads count
     for nothing: the result is that of the unpadded sequences together. Parameters' ``.grad`` are left exactly as they
-    were (the measurement's own gradients are discarded).
+    were (the measurement's own gradients are discarded). ``input_ids`` of shape (batch, T) or (T,) (one sequence),
+    of any integer dtype; called under ``torch.no_grad()`` or ``torch.inference_mode()`` it still back-propagates
+    (it needs the gradients it measures).
     """
+    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _measure(model, input_ids.clone(), None if attention_mask is None else attention_mask.clone())
+
+
+def _as_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(batch, T) int64 ids and mask from what a user may pass: one sequence, int32 ids, a bool mask."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"measure: input_ids must be a tensor of integer token ids, got {kind}; tokenise text first")
+    if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+        raise ValueError(
+            f"measure: input_ids has shape {tuple(input_ids.shape)}; give (batch, seq_len) token ids, or (seq_len,) "
+            "for one sequence"
+        )
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(torch.long)
+    return input_ids.to(torch.long), attention_mask
+
+
+def _measure(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, float]:
     collector = StatsCollector(model, every=1, distributed=False)
     labels = causal_lm_labels(input_ids, attention_mask)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -2,7 +2,9 @@
 ranks), and the section 4 names they are reported under. No hooks, no model: :mod:`vscale_plugin.stats.collector`
 gathers the sums, this module turns them into numbers.
 
-Positions are counted from each sequence's first real token; ``counts[p]`` is how many sequences have position p.
+Positions are counted from each sequence's first real token; ``counts[p]`` is how many sequences have position p
+(p = 0 .. PROFILE, one more than the profile: a position has a gradient only where some sequence goes on after it,
+since the last token of a sequence predicts nothing and nothing attends to it from later).
 """
 
 from __future__ import annotations
@@ -24,16 +26,22 @@ FORWARD_POINTS = ("h_in", "h_half", "h_out", "attn_out", "mlp_out", "v")
 PATHS = (("grad_in", "h_tilde"), ("q", "path_q"), ("k", "path_k"), ("v", "path_v"))
 
 
-def tok0_rest(per_position: torch.Tensor, positions: int) -> tuple[float, float]:
-    """(value at token 0, mean over tokens 1..15) of a per-position profile; fewer when sequences are shorter."""
+def tok0_rest(per_position: torch.Tensor, positions: int) -> dict[str, float]:
+    """{"tok0": value at token 0, "rest": mean over tokens 1..15} of a per-position profile, over fewer tokens when
+    sequences are shorter; without a token 1 there is no "rest"."""
     rest = per_position[1 : min(REST, positions)]
-    return per_position[0].item(), (rest.mean().item() if rest.numel() else float("nan"))
+    return {"tok0": per_position[0].item(), **({"rest": rest.mean().item()} if rest.numel() else {})}
 
 
-def gradient_sink_ratio(grad_in: torch.Tensor, positions: int) -> float:
-    """R_GS = ||g(h̃_0)|| / mean_{t=1..T_e} ||g(h̃_t)||, T_e = 31 (or the last position of shorter sequences)."""
+def _put(out: dict[str, float], prefix: str, tag: str, values: dict[str, float]) -> None:
+    out.update({f"{prefix}/{which}/{tag}": value for which, value in values.items()})
+
+
+def gradient_sink_ratio(grad_in: torch.Tensor, positions: int) -> float | None:
+    """R_GS = ||g(h̃_0)|| / mean_{t=1..T_e} ||g(h̃_t)||, T_e = 31 (or the last position of shorter sequences); None
+    when no position after token 0 has a gradient."""
     t_e = min(T_E, positions - 1)
-    return (grad_in[0] / grad_in[1 : t_e + 1].mean()).item() if t_e >= 1 else float("nan")
+    return (grad_in[0] / grad_in[1 : t_e + 1].mean()).item() if t_e >= 1 else None
 
 
 def bloat(g_normed: torch.Tensor, g_increment: torch.Tensor) -> torch.Tensor:
@@ -58,26 +66,34 @@ def sink_metrics(sums: torch.Tensor) -> dict[str, float]:
     return {"sink_rate": sums[0].item() / pairs, "mass": sums[1].item() / pairs, "mass_sq": sums[2].item() / pairs}
 
 
+def profile_lengths(counts: torch.Tensor) -> tuple[int, int]:
+    """(positions with a token in some sequence, positions with a gradient: a token and a next token), up to
+    PROFILE; shorter sequences give shorter profiles, never a zero-gradient last position inside a mean."""
+    return int((counts[:PROFILE] > 0).sum().item()), int((counts[1 : PROFILE + 1] > 0).sum().item())
+
+
 def layer_metrics(tag: str, sums: dict[str, torch.Tensor], counts: torch.Tensor, world: int) -> dict[str, float]:
     """Every per-layer metric of SPEC section 4 for layer ``tag`` from its summed state (keys ``fwd/<point>``,
     ``grad/<point>``, ``sinks``, optionally ``phi``), ``counts`` of sequences per position and the number of
     data-parallel ranks (gradients are averaged over them, as the optimiser's are)."""
     out: dict[str, float] = {}
-    positions = int((counts > 0).sum().item())  # the longest sequence, capped at PROFILE
+    positions, graded = profile_lengths(counts)
     seen = counts[:REST].clamp_min(1.0)
     for point in FORWARD_POINTS:  # massive activations: per-position norms averaged over sequences
-        out[f"ma/{point}/tok0/{tag}"], out[f"ma/{point}/rest/{tag}"] = tok0_rest(sums[f"fwd/{point}"] / seen, positions)
+        _put(out, f"ma/{point}", tag, tok0_rest(sums[f"fwd/{point}"] / seen, positions))
     for name, value in sink_metrics(sums["sinks"]).items():
         out[f"as/{name}/{tag}"] = value
     if "phi" in sums:
-        out[f"vscale/phi/tok0/{tag}"], out[f"vscale/phi/rest/{tag}"] = tok0_rest(sums["phi"] / seen, positions)
-    g = {point: sums[f"grad/{point}"][:positions] / world for point in GRAD_POINTS}
-    if g["h_tilde"].abs().sum() == 0:  # no backward was captured (e.g. a forward under no_grad)
+        _put(out, "vscale/phi", tag, tok0_rest(sums["phi"] / seen, positions))
+    g = {point: sums[f"grad/{point}"][:graded] / world for point in GRAD_POINTS}
+    if g["h_tilde"].abs().sum() == 0:  # no backward was captured (a forward under no_grad, one-token sequences)
         return out
     norm = {point: g[point].norm(dim=-1) for point in GRAD_POINTS}
-    out[f"gs/ratio/{tag}"] = gradient_sink_ratio(norm["h_tilde"], positions)
+    ratio = gradient_sink_ratio(norm["h_tilde"], graded)
+    if ratio is not None:
+        out[f"gs/ratio/{tag}"] = ratio
     for name, point in PATHS:
-        out[f"gs/{name}/tok0/{tag}"], out[f"gs/{name}/rest/{tag}"] = tok0_rest(norm[point], positions)
+        _put(out, f"gs/{name}", tag, tok0_rest(norm[point], graded))
     ratios = {
         "bloat_attn": bloat(g["h_tilde"], g["h_half"]),
         "compress_attn": compress(g["h_in"], g["h_half"], g["h_tilde"]),
@@ -87,15 +103,15 @@ def layer_metrics(tag: str, sums: dict[str, torch.Tensor], counts: torch.Tensor,
         "change_mlp": change(g["h_half"], g["h_out"]),
     }
     for name, per_token in ratios.items():
-        out[f"gs/{name}/tok0/{tag}"], out[f"gs/{name}/rest/{tag}"] = tok0_rest(per_token, positions)
+        _put(out, f"gs/{name}", tag, tok0_rest(per_token, graded))
     return out
 
 
 def gradient_profile(sums: dict[str, torch.Tensor], counts: torch.Tensor, world: int) -> dict[str, list[float]] | None:
     """Per-position norms of g(h̃) and its three paths (positions 0..63), for the token-wise plots; None without a
     captured backward."""
-    positions = int((counts > 0).sum().item())
-    norms = {name: (sums[f"grad/{point}"][:positions] / world).norm(dim=-1) for name, point in PATHS}
+    _, graded = profile_lengths(counts)
+    norms = {name: (sums[f"grad/{point}"][:graded] / world).norm(dim=-1) for name, point in PATHS}
     return None if norms["grad_in"].abs().sum() == 0 else {name: n.tolist() for name, n in norms.items()}
 
 
