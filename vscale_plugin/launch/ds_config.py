@@ -1,34 +1,51 @@
-"""DeepSpeed configs: load one of ``ds_configs/*.json`` and fill its ``"auto"`` values from the launcher's flags."""
+"""DeepSpeed configs: find one (a path, or a config shipped in ``vscale_plugin/ds_configs/`` by name), load it and
+fill its ``"auto"`` values from the launcher's flags."""
 
 from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vscale_plugin.launch.cli import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Package data, so an installed wheel has them too; the checkout's ds_configs/ is a symlink to this directory.
+CONFIG_DIR = Path(str(resources.files("vscale_plugin") / "ds_configs"))
 
 
 def _available() -> str:
-    names = sorted(p.name for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
-    return ", ".join(f"ds_configs/{n}" for n in names) or "none found next to the package"
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
+    if not names:
+        return f"none: {CONFIG_DIR} holds no config, so this vscale_plugin install is broken; reinstall it"
+    shipped = ", ".join(f"ds_configs/{n}" for n in names)
+    return f"{shipped} (shipped with vscale_plugin; the bare name, e.g. {Path(names[0]).stem}, works too)"
 
 
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--ds_config {path}: no such file; available: {_available()}")
+def resolve_ds_config(value: str | Path) -> Path:
+    """The file ``--ds_config value`` means: an existing file, else the shipped config it names as ``zero2``,
+    ``zero2.json`` or ``ds_configs/zero2.json`` (the README's spelling, which then works from any directory)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("ds_configs")):
+        shipped = CONFIG_DIR / (path.name if path.suffix == ".json" else f"{path.name}.json")
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"--ds_config {value}: no such file; available: {_available()}, or the path of your own JSON")
+
+
+def load_ds_config(value: str | Path) -> dict[str, Any]:
+    path = resolve_ds_config(value)
     try:
-        config = json.loads(p.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(
-            f"--ds_config {path}: not valid JSON ({err.msg} at line {err.lineno}); fix it or use one of {_available()}"
+            f"--ds_config {value}: not valid JSON ({err.msg} at line {err.lineno}); fix it or use one of {_available()}"
         ) from err
     if not isinstance(config, dict):
-        raise ConfigError(f"--ds_config {path}: expected a JSON object of DeepSpeed settings; see {_available()}")
+        raise ConfigError(f"--ds_config {value}: expected a JSON object of DeepSpeed settings; see {_available()}")
     return config
 
 

@@ -1,0 +1,54 @@
+"""The DeepSpeed configs ship inside the package and are found by name from any directory (issue 11)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from vscale_plugin.launch.cli import ConfigError
+from vscale_plugin.launch.ds_config import CONFIG_DIR, fill_ds_config, load_ds_config, resolve_ds_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
+
+
+def test_the_checkout_ds_configs_is_a_symlink_to_the_shipped_configs():
+    # One copy: README's `--ds_config ds_configs/zero2.json` reads the very files the wheel carries.
+    assert (REPO / "ds_configs").is_symlink()
+    assert (REPO / "ds_configs").resolve() == CONFIG_DIR.resolve()
+    assert SHIPPED == ["zero1.json", "zero2.json", "zero2_offload.json", "zero3.json"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_and_fills_for_two_ranks(name):
+    filled = fill_ds_config(load_ds_config(name), micro_batch=2, global_batch=8, world_size=2, grad_clip=1.0,
+                            bf16=False, pin_memory=False)  # fmt: skip
+    assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 2
+    assert filled["zero_optimization"]["stage"] == int(name[len("zero")])
+
+
+@pytest.mark.parametrize("spelling", ["zero3", "zero3.json", "ds_configs/zero3.json"])
+def test_a_shipped_name_resolves_outside_the_checkout(spelling, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_ds_config(spelling) == CONFIG_DIR / "zero3.json"
+    assert load_ds_config(spelling) == json.loads((CONFIG_DIR / "zero3.json").read_text())
+
+
+def test_an_existing_file_wins_over_the_shipped_config_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("zero2.json").write_text('{"zero_optimization": {"stage": 1}}')
+    assert load_ds_config("zero2.json") == {"zero_optimization": {"stage": 1}}
+
+
+@pytest.mark.parametrize("value", ["zero9", "ds_configs/zero9.json", "elsewhere/zero2.json"])
+def test_a_missing_config_is_an_error_listing_names_that_resolve(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config(value)
+    message = str(err.value)
+    assert message.startswith(f"--ds_config {value}: no such file; available: ") and "\n" not in message
+    listed = re.findall(r"ds_configs/[\w.]+\.json", message.split("available: ")[1])
+    assert sorted(Path(item).name for item in listed) == SHIPPED
+    for item in listed:  # what the error offers really works, here, away from the checkout
+        assert resolve_ds_config(item).read_bytes() == (CONFIG_DIR / Path(item).name).read_bytes()
