@@ -1,25 +1,25 @@
-"""``launchers/study.py``: the paper's paired experiment in one command - baseline and V-scale trained with the same
-seed, data and recipe through the real ``deepspeed`` launcher, then ``launchers/compare.py`` on the two runs.
+"""``vsp-study`` (``launchers/study.py``, ``python -m vscale_plugin.apps.study``): the paper's paired experiment in one
+command - baseline and V-scale trained with the same seed, data and recipe through the real ``deepspeed`` launcher,
+then the comparison report on the two runs.
 
-    python launchers/study.py --preset smoke --steps 150                      # CPU, a few minutes per run
-    python launchers/study.py --preset 0.1B --dataset c4 --num_gpus 8 -- --tokenizer gpt2 --save_every 1000
+    vsp-study --preset smoke --steps 150                                      # CPU, a few minutes per run
+    vsp-study --preset 0.1B --dataset c4 --num_gpus 8 -- --tokenizer gpt2 --save_every 1000
+
+Both runs and the comparison are the installed modules, started by the interpreter running the study, so they use
+the same vscale_plugin as the study, in a checkout or not.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from vscale_plugin.launch.cli import OneLineParser, UsageError, fail
-from vscale_plugin.launch.ds_config import CONFIG_DIR
+from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
+from vscale_plugin.launch.ds_config import CONFIG_DIR, resolve_ds_config
 from vscale_plugin.train.recipe import PRESETS
-
-# The checkout this file sits in (vscale_plugin/apps/study.py): the study runs the launchers/ scripts next to it.
-REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -28,16 +28,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if "--" in argv:  # everything after -- goes to both pretrain.py runs unchanged
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = OneLineParser(
-        prog="launchers/study.py", description="Baseline vs V-scale, same seed and data, then the comparison."
-    )
+    p = OneLineParser(prog="vsp-study", description="Baseline vs V-scale, same seed and data, then the comparison.")
     p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of each run (default: the preset's)")
     p.add_argument("--modes", default="off,learned", help="comma-separated --vscale modes; 'off' is the baseline")
     p.add_argument("--dataset", default="smoke")
-    p.add_argument("--ds_config", default=str(CONFIG_DIR / "zero2.json"))
+    p.add_argument("--ds_config", default=str(CONFIG_DIR / "zero2.json"), help="a path or a shipped name (zero3)")
     p.add_argument("--num_gpus", type=int, default=2, help="ranks per run (CPU ranks when there is no GPU)")
-    p.add_argument("--stats_every", type=int, default=None, help="default: 5 measurements per run")
+    p.add_argument("--stats_every", type=int, default=None, help="default: 5 measurements per run; 0: none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: study-<preset>)")
     p.add_argument("--out", default=None, help="directory for checkpoints and the report (default: studies/<name>)")
@@ -47,26 +45,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if unknown or len(modes) < 2 or "off" not in modes:
         raise UsageError(f"--modes {args.modes}: give 'off' (the baseline) and at least one of learned, fixed")
     args.modes = modes
-    steps = args.steps or PRESETS[args.preset].max_steps
-    if steps < 1:
-        raise UsageError(f"--steps {steps}: must be >= 1")
-    args.steps = steps
-    args.stats_every = args.stats_every or max(1, steps // 5)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be >= 1, or leave it out for the preset's")
+    if args.stats_every is not None and args.stats_every < 0:
+        raise UsageError(f"--stats_every {args.stats_every}: must be >= 0 (0: no statistics)")
+    args.steps = PRESETS[args.preset].max_steps if args.steps is None else args.steps
+    args.stats_every = max(1, args.steps // 5) if args.stats_every is None else args.stats_every
     args.experiment = args.experiment or f"study-{args.preset}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.name = f"{args.experiment}-{stamp}"
     args.out = Path(args.out or Path("studies") / args.name)
-    if not Path(args.ds_config).is_file():
-        raise UsageError(f"--ds_config {args.ds_config}: no such file; see ds_configs/")
+    args.ds_config = resolve_ds_config(args.ds_config).absolute()  # both runs read the same file from any directory
     return args, extra
 
 
 def pretrain_command(args: argparse.Namespace, mode: str, extra: list[str]) -> list[str]:
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    launcher = str(deepspeed) if deepspeed.is_file() else shutil.which("deepspeed") or "deepspeed"
+    # DeepSpeed's runner in this interpreter starts the ranks with this interpreter (sys.executable), so they import
+    # the vscale_plugin the study imports, not whatever another environment's `deepspeed` on PATH would.
     return [
-        launcher, "--num_gpus", str(args.num_gpus), str(REPO / "launchers" / "pretrain.py"),
-        "--ds_config", str(args.ds_config), "--preset", args.preset, "--max_steps", str(args.steps),
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_gpus),
+        "--module", "vscale_plugin.train", "--ds_config", str(args.ds_config), "--preset", args.preset,
+        "--max_steps", str(args.steps),
         "--vscale", mode, "--dataset", args.dataset, "--seed", str(args.seed), "--stats_every", str(args.stats_every),
         "--experiment", args.experiment, "--run_name", f"{args.name}-{mode}", "--save_dir", str(args.out / mode),
         *extra,
@@ -90,7 +89,7 @@ def _run_id(experiment: str, run_name: str) -> str:
 def run(argv: list[str] | None = None) -> int:
     try:
         args, extra = parse_args(argv)
-    except UsageError as err:
+    except ConfigError as err:  # a bad flag (UsageError) or a --ds_config that names no file
         return fail(str(err))
     run_ids = []
     for mode in args.modes:
@@ -104,7 +103,7 @@ def run(argv: list[str] | None = None) -> int:
             run_ids.append(_run_id(args.experiment, f"{args.name}-{mode}"))
         except UsageError as err:
             return fail(str(err))
-    compare = [sys.executable, str(REPO / "launchers" / "compare.py"), "--experiment", args.experiment,
+    compare = [sys.executable, "-m", "vscale_plugin.apps.compare", "--experiment", args.experiment,
                "--runs", *run_ids, "--out", str(args.out / "report")]  # fmt: skip
     print(f"study: {' '.join(compare)}", flush=True)
     code = subprocess.call(compare)
@@ -115,3 +114,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
