@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from vscale_plugin.data import DataError
 from vscale_plugin.launch.cli import ConfigError
+from vscale_plugin.launch.ops import load_op
 
 
 def init_distributed() -> tuple[int, int]:
@@ -29,6 +30,9 @@ def init_distributed() -> tuple[int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # The op DeepSpeed's process group builds on first use (CPU's shared-memory all-reduce), built here so that a
+    # stale build lock cannot hang the start; DeepSpeed then finds it loaded.
+    load_op("ShareMemCommBuilder", compatible_only=True)
     deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

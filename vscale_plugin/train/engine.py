@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vscale_plugin.launch.ops import load_op
 from vscale_plugin.train.recipe import Preset
 from vscale_plugin.train.schedule import lr_lambda
 
@@ -31,6 +32,7 @@ def build_engine(model: nn.Module, recipe: Preset, ds_config: dict[str, Any]):
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        load_op("CPUAdamBuilder")  # built here so that a stale build lock cannot hang it
         optimizer = DeepSpeedCPUAdam(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps, adamw_mode=True)
     else:
         # fused: one in-place kernel over ZeRO's flat partitions; the default path allocates temporaries the size
