@@ -548,3 +548,39 @@ def test_bad_shapes_and_ranks_are_data_errors(tok):
         PackedBatches("smoke", tok, 16, 2, rank=2, world_size=2)
     with pytest.raises(DataError, match="split 'test' is unknown"):
         PackedBatches("smoke", tok, 16, 2, split="test")
+
+
+# --- whether the hub can be reached ---------------------------------------------------------------------------------
+
+
+def test_hub_probe_names_an_endpoint_that_does_not_answer():
+    from vscale_plugin.data import hub
+    from vscale_plugin.testing.distributed import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    reason = hub._probe(endpoint)
+    assert reason is not None and reason.startswith(f"{endpoint} does not answer")
+
+
+def test_hub_probe_accepts_an_endpoint_that_answers():
+    import http.server
+    import threading
+
+    from vscale_plugin.data import hub
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert hub._probe(f"http://127.0.0.1:{server.server_port}") is None
+    finally:
+        server.shutdown()
+
+
+def test_hub_offline_mode_is_unreachable_without_a_probe(monkeypatch):
+    import huggingface_hub
+
+    from vscale_plugin.data import hub
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    monkeypatch.setattr(hub, "_probe", lambda endpoint: pytest.fail("probed the hub in offline mode"))
+    assert hub.hub_unreachable() == "HF_HUB_OFFLINE is set"

@@ -277,3 +277,163 @@ def test_missing_dataset_path_under_deepspeed_launcher_exits_2(tmp_path: Path, c
     assert errors, f"no 'error:' line\n{_describe(proc)}"
     assert all(f"--dataset {missing}" in line and "--dataset smoke" in line for line in errors), errors
     _assert_nothing_ran(proc, tmp_path)
+
+
+# ---- flags that used to be misread, or to fail with a traceback ----
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_a_learning_rate_that_is_not_positive_exits_2(tmp_path: Path, cache_dir: Path, value: str) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--lr", value)
+    _assert_usage_error(proc, tmp_path, f"--lr {value}", "> 0")
+
+
+def test_a_min_lr_above_the_peak_exits_2_instead_of_a_schedule_that_climbs(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--lr", "1e-3", "--min_lr", "1e-2")
+    _assert_usage_error(proc, tmp_path, "--min_lr 0.01", "--lr 0.001", "--min_lr 0.0001")
+
+
+def test_a_min_lr_above_the_preset_peak_names_the_preset(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--min_lr", "0.01")  # smoke's peak: 3e-3
+    _assert_usage_error(proc, tmp_path, "--min_lr 0.01", "lr 0.003 (the smoke preset's)")
+
+
+def test_stats_every_beyond_max_steps_exits_2_instead_of_measuring_nothing(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--max_steps", "10", "--stats_every", "50")
+    _assert_usage_error(proc, tmp_path, "--stats_every 50", "--max_steps 10", "--stats_every 10 or less")
+
+
+# ---- data that passes the path check but cannot train ----
+
+
+def _corpus(path: Path, documents: int, words: int = 30) -> Path:
+    path.write_text("".join(json.dumps({"text": " ".join(["the cat sat on the mat"] * words)}) + "\n"
+                            for _ in range(documents)))  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level Hugging Face tokenizer directory for the words of ``_corpus``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("words")
+    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "the", "cat", "sat", "on", "mat"])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def _assert_no_checkpoint(save_dir: Path) -> None:
+    assert not (save_dir / "latest").exists() and not list(save_dir.glob("step*")), sorted(save_dir.rglob("*"))
+
+
+def test_an_empty_jsonl_exits_2_naming_the_file(tmp_path: Path, cache_dir: Path, words: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--dataset", empty, "--tokenizer", words,
+                   "--save_dir", tmp_path / "run")  # fmt: skip
+    _assert_usage_error(proc, tmp_path, f"--dataset {empty}", "empty")
+
+
+def test_a_binary_file_named_jsonl_exits_2_naming_the_file(tmp_path: Path, cache_dir: Path, words: Path) -> None:
+    binary = tmp_path / "corpus.jsonl"
+    binary.write_bytes(bytes(range(256)) * 64)
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--dataset", binary, "--tokenizer", words,
+                   "--save_dir", tmp_path / "run")  # fmt: skip
+    _assert_usage_error(proc, tmp_path, str(binary), "cannot be read")
+    _assert_no_checkpoint(tmp_path / "run")
+
+
+def test_a_dataset_too_small_for_the_eval_slice_exits_2_before_training(
+    tmp_path: Path, cache_dir: Path, words: Path
+) -> None:
+    # Before the fix this trained max_steps/10 steps and failed at the first evaluation.
+    small = _corpus(tmp_path / "small.jsonl", documents=5)
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--dataset", small, "--tokenizer", words,
+                   "--save_dir", tmp_path / "run", "--max_steps", "20")  # fmt: skip
+    _assert_usage_error(proc, tmp_path, str(small), "eval slice", "add documents")
+    _assert_no_checkpoint(tmp_path / "run")
+
+
+def test_an_eval_split_shorter_than_one_batch_exits_2_before_training(
+    tmp_path: Path, cache_dir: Path, words: Path
+) -> None:
+    # 20 documents: 2 held out, far fewer tokens than one 4 x 128 batch, so eval/loss would be the mean of nothing.
+    small = _corpus(tmp_path / "small.jsonl", documents=20, words=2)
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--dataset", small, "--tokenizer", words,
+                   "--save_dir", tmp_path / "run", "--max_steps", "20")  # fmt: skip
+    _assert_usage_error(proc, tmp_path, str(small), "eval split", "--micro_batch or --seq_len")
+    _assert_no_checkpoint(tmp_path / "run")
+
+
+def test_a_dataset_path_without_tokenizer_and_no_hub_fails_at_once_naming_tokenizer(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    # A hub that does not answer (a closed local port), an empty HF cache, and no HF_HUB_OFFLINE: the default
+    # tokenizer for a path is gpt2 from the hub. Before the fix the error blamed the hub after ~50 s of retries.
+    corpus = _corpus(tmp_path / "corpus.jsonl", documents=40)
+    env = _env(tmp_path, cache_dir)
+    del env["HF_HUB_OFFLINE"]
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--ds_config", str(ZERO2), "--dataset", str(corpus)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    _assert_usage_error(proc, tmp_path, "gpt2", "does not answer", "--tokenizer")
+
+
+# ---- --init_from: what is not a model it can continue ----
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Saved Hugging Face models: a tiny Llama of 64 positions, and a GPT-2 (an architecture V-scale lacks)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vscale_plugin.testing.models import tiny_model
+
+    root = tmp_path_factory.mktemp("hf-models")
+    tiny_model("llama", max_position_embeddings=64).save_pretrained(root / "llama")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(
+        root / "gpt2"
+    )
+    return root
+
+
+def test_init_from_a_directory_that_is_no_model_exits_2(tmp_path: Path, cache_dir: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("not a model\n")
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--init_from", notes)
+    _assert_usage_error(proc, tmp_path, f"--init_from {notes}", "not a Hugging Face model", "save_pretrained")
+
+
+def test_init_from_a_config_without_weights_exits_2(tmp_path: Path, cache_dir: Path, hf_models: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((hf_models / "llama" / "config.json").read_bytes())
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--init_from", bare)
+    _assert_usage_error(proc, tmp_path, f"--init_from {bare}", "no weights", "model.safetensors")
+
+
+def test_init_from_an_architecture_without_vscale_exits_2_and_says_how_to_go_on(
+    tmp_path: Path, cache_dir: Path, hf_models: Path
+) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--init_from", hf_models / "gpt2")
+    _assert_usage_error(proc, tmp_path, "gpt2", "llama", "--vscale off")
+
+
+def test_init_from_with_a_seq_len_beyond_its_positions_exits_2(
+    tmp_path: Path, cache_dir: Path, hf_models: Path
+) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--init_from", hf_models / "llama", "--seq_len", "128")
+    _assert_usage_error(proc, tmp_path, "--seq_len 128", "64 positions", "--seq_len 64 or less")
+
+
+def test_init_from_a_training_checkpoint_points_to_resume(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "old-run"
+    (run / "step00000002").mkdir(parents=True)
+    (run / "latest").write_text("step00000002")
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--init_from", run)
+    _assert_usage_error(proc, tmp_path, f"--init_from {run}", f"--resume --save_dir {run}")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import vscale_plugin
 from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, build_tokenizer, padded_batches
-from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
+from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, check_model_config, fail
 from vscale_plugin.launch.distributed import distributed, exit_after_distributed, rank0_first
 from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
 from vscale_plugin.stats import StatsCollector, causal_lm_labels
@@ -139,6 +139,8 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
     if not Path(args.model).exists() and args.model.startswith((".", "/")):
         raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
                          "launchers/pretrain.py --save_dir")  # fmt: skip
+    # The model first: a directory that is no model must be named as such, not blamed on the tokenizer read from it.
+    check_model_config(args.model, "--model", args.seq_len, needs_registry=False, needs_statistics=True)
     spec, tokenizer_dataset = _tokenizer_spec(args)
     tokenizer = rank0_first(build_tokenizer, spec, tokenizer_dataset, TOKENIZER_CACHE)
     if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
@@ -260,3 +262,7 @@ def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world
 
 def main() -> None:
     exit_after_distributed(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -118,8 +118,9 @@ class PackedBatches:
         self._held = _held_out(self._source, eval_docs) if self._source.holdout else {}
         if split == "eval" and self._source.holdout and not self._held:
             raise DataError(
-                f"{self._source.label}: too few documents to hold out an eval slice (a tenth of the data); "
-                "add documents, or save the data as a DatasetDict with a 'validation' split"
+                f"{self._source.label}: too few documents to hold out an eval slice (a tenth of the data, so at "
+                f"least {_EVAL_SHARE} documents); add documents, or save the data as a DatasetDict with a "
+                "'validation' split"
             )
         shards = self._source.num_shards
         self._by_shard = shards % world_size == 0 or shards >= _SHARDS_PER_RANK * world_size
@@ -133,6 +134,19 @@ class PackedBatches:
         for batch, position in self._pack(self._train_documents(start), start.token):
             self._position = position
             yield batch
+
+    def check(self) -> None:
+        """Raise now the DataError the first batch would raise later (at the first step, or at the first evaluation,
+        a tenth of a run in): no documents for this rank, an eval split too small for one batch per rank, a file
+        that cannot be read. Reads up to one batch (one per rank for eval); the position does not move."""
+        if self.split == "train":
+            next(self._pack(self._train_documents(self._position), self._position.token), None)
+        elif next(self._eval_batches(), None) is None:
+            raise DataError(
+                f"{self._source.label}: its eval split holds fewer tokens than one batch per rank ({self.world_size} "
+                f"x {self.micro_batch} x {self.seq_len}), so eval/loss would measure nothing; add documents, or lower "
+                "--micro_batch or --seq_len"
+            )
 
     def documents(self) -> Iterator[np.ndarray]:
         """This rank's tokenised documents, EOS appended, unpacked, in the order packing reads them: the training
@@ -228,6 +242,8 @@ class PackedBatches:
                 block += 1
                 doc = 0
             if block == 0:
+                if self.world_size == 1:
+                    raise DataError(f"{self._source.label}: holds no documents to train on; add documents")
                 raise DataError(
                     f"{self._source.label}: rank {self.rank} of {self.world_size} gets no documents to train on; "
                     "use fewer ranks or more data"

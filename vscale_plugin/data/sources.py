@@ -17,6 +17,7 @@ from typing import Literal
 import datasets
 
 from vscale_plugin.data.errors import DataError
+from vscale_plugin.data.hub import hub_unreachable
 
 Split = Literal["train", "eval"]
 
@@ -67,8 +68,19 @@ class Source:
         Empty entries keep their index, so that positions in the stream stay stable, but carry no document
         (they would only add a lone EOS).
         """
-        rows = iter(self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True))
-        for row in islice(rows, start, stop):
+        rows = islice(iter(self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True)), start, stop)
+        while True:
+            try:
+                row = next(rows, None)
+            except (OSError, ValueError) as err:
+                # A file that is not what its name says (binary data in a .jsonl, a broken parquet) fails only when
+                # it is read; UnicodeDecodeError and pyarrow's ArrowInvalid are ValueErrors.
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise DataError(
+                    f"{self.shard_labels[shard]}: cannot be read ({type(err).__name__}: {first[:200]}); {_PATH_HELP}"
+                ) from err
+            if row is None:
+                return
             if TEXT not in row:
                 raise DataError(
                     f"{self.shard_labels[shard]}: no '{TEXT}' field (fields: {', '.join(sorted(row)) or 'none'}); "
@@ -124,6 +136,12 @@ def open_c4(split: Split, data_files: str | Sequence[str] | None = None) -> Sour
         files = [str(f) for f in ([data_files] if isinstance(data_files, str) else data_files)]
     else:
         label = f"{C4_REPO} ({C4_CONFIG}, {_C4_SPLITS[split]})"
+        offline = hub_unreachable()
+        if offline is not None:
+            raise DataError(
+                f"--dataset c4 streams {C4_REPO} from the Hugging Face hub, which is not reachable ({offline}); run "
+                "with network access, or download C4 shards and pass them with --dataset PATH"
+            )
         try:
             stream = datasets.load_dataset(C4_REPO, C4_CONFIG, split=_C4_SPLITS[split], streaming=True)
         except OSError as err:
@@ -157,6 +175,10 @@ def _open_path(path: Path, split: Split) -> Source:
         )
         if not files:
             raise DataError(f"--dataset {path}: the directory holds no .jsonl/.json/.parquet/.txt files; {_PATH_HELP}")
+    # An empty file holds no documents, and datasets' json reader fails on one with a bare StopIteration.
+    files = [f for f in files if f.stat().st_size > 0]
+    if not files:
+        raise DataError(f"--dataset {path}: empty, it holds no documents; {_PATH_HELP}")
     builders = sorted({_format_of(f) for f in files})
     if len(builders) > 1:
         raise DataError(

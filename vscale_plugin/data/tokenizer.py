@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vscale_plugin.data.errors import DataError
+from vscale_plugin.data.hub import hub_unreachable
 from vscale_plugin.data.sources import smoke_documents
 
 PAPER_TOKENIZER = "gpt2"
@@ -115,13 +116,17 @@ def _hugging_face(spec: str, label: str) -> Tokenizer:
             f"{label}: no such directory; pass a directory with tokenizer files, a Hugging Face "
             "tokenizer name (e.g. gpt2) or a SentencePiece .model file"
         )
+    # A hub name with the hub out of reach: the local cache only, which answers at once instead of after retries.
+    offline = None if local.exists() else hub_unreachable()
     try:
-        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else spec)
+        hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else spec, local_files_only=offline is not None)
     except (OSError, ValueError) as err:
+        cause = str(err).splitlines()[0]
+        if offline is not None:
+            cause = f"not in the local Hugging Face cache, and the hub cannot be reached: {offline}"
         raise DataError(
-            f"{label}: cannot load this Hugging Face tokenizer ({str(err).splitlines()[0]}). Offline, "
-            f"download it once with network (`hf download {spec}`) or pass a local tokenizer directory or a "
-            "SentencePiece .model file with --tokenizer"
+            f"{label}: cannot load this Hugging Face tokenizer ({cause}). Pass a local tokenizer directory or a "
+            f"SentencePiece .model file with --tokenizer, or download it once with network (`hf download {spec}`)"
         ) from err
     if hf.eos_token_id is None:
         raise DataError(f"{label}: has no EOS token, which separates packed documents; choose a tokenizer with one")

@@ -95,12 +95,48 @@ def rank0_first(fn, *args, **kwargs):
         try:
             result = fn(*args, **kwargs)
         except (DataError, ConfigError) as err:
-            error = [f"{type(err).__name__}:{err}"]
+            error = [_as_text(err)]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        kind, message = error[0].split(":", 1)
-        raise (DataError if kind == "DataError" else ConfigError)(message)
+        raise _from_text(error[0])
     return result if dist.get_rank() == 0 else fn(*args, **kwargs)
+
+
+def on_every_rank(fn, *args, **kwargs):
+    """Run ``fn`` on every rank; when it raises DataError/ConfigError on any rank, raise that error (the lowest such
+    rank's) on every rank. A check that fails on one rank alone (its share of the data) thus stops all of them at
+    the same point, before their next collective, with one message that rank 0 can report for all."""
+    error = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except (DataError, ConfigError) as err:
+        error = _as_text(err)
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise _from_text(first)
+    return result
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself without a process group): for what each rank would
+    compute a little differently, such as the time a run started."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _as_text(err: DataError | ConfigError) -> str:
+    return f"{type(err).__name__}:{err}"
+
+
+def _from_text(text: str) -> DataError | ConfigError:
+    kind, message = text.split(":", 1)
+    return (DataError if kind == "DataError" else ConfigError)(message)
 
 
 def mean_over_ranks(values: list[float]) -> float:
@@ -109,3 +145,11 @@ def mean_over_ranks(values: list[float]) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return (t[0] / t[1]).item()
+
+
+def max_over_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

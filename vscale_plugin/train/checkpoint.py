@@ -15,9 +15,103 @@ from vscale_plugin.data import PackedBatches
 from vscale_plugin.launch.cli import UsageError
 from vscale_plugin.train.config import RunConfig
 
+# What a run is, recorded with its checkpoints, each with the flag that sets it: a --resume that differs in any of these
+# is refused, since it would continue another run under this one's name (another --seq_len or batch size in the same
+# MLflow run), or fail inside torch or DeepSpeed (another model, ZeRO stage or number of ranks). Every other flag may
+# change between invocations: --stop_after_steps, --save_every, --log_every, --eval_every and --stats_every say when
+# to stop, save, log and measure; --attn_implementation, --activation_checkpointing and --vscale_kernel how a step is
+# computed, not what it computes.
+RESUME_SETTINGS = {
+    "preset": "--preset",
+    "init_from": "--init_from",
+    "vscale": "--vscale",
+    "dataset": "--dataset",
+    "tokenizer": "--tokenizer",
+    "seed": "--seed",
+    "max_steps": "--max_steps",
+    "seq_len": "--seq_len",
+    "micro_batch": "--micro_batch",
+    "global_batch": "--global_batch",
+    "lr": "--lr",
+    "min_lr": "--min_lr",
+    "warmup": "--warmup",
+    "eval_batches": "--eval_batches",
+    "zero_stage": "--ds_config",
+    "world_size": "--num_gpus",
+    "experiment": "--experiment",
+    "run_name": "--run_name",
+}
+_RECORD = "vscale_run.json"
+
 
 def has_checkpoint(save_dir: Path) -> bool:
     return (save_dir / "latest").is_file()
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The values of RESUME_SETTINGS of a run, as its checkpoints record them."""
+    recipe = config.recipe
+    return {
+        "preset": recipe.name,
+        "init_from": config.init_from,
+        "vscale": config.vscale,
+        "dataset": config.dataset,
+        "tokenizer": config.tokenizer,
+        "seed": config.seed,
+        "max_steps": recipe.max_steps,
+        "seq_len": recipe.seq_len,
+        "micro_batch": recipe.micro_batch,
+        "global_batch": recipe.global_batch,
+        "lr": recipe.lr,
+        "min_lr": recipe.min_lr,
+        "warmup": recipe.warmup,
+        "eval_batches": config.eval_batches,
+        "zero_stage": config.zero_stage,
+        "world_size": config.world_size,
+        "experiment": config.experiment,
+        "run_name": config.run_name,
+    }
+
+
+def recorded_settings(save_dir: Path) -> dict[str, Any]:
+    """The settings the checkpoints in ``save_dir`` were made with ({} for a checkpoint that predates the record)."""
+    path = save_dir / _RECORD
+    try:
+        return json.loads(path.read_text()).get("settings", {})
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--resume: {path} cannot be read ({err}); resume an intact checkpoint directory") from err
+
+
+def check_resume(config: RunConfig, recorded: dict[str, Any]) -> None:
+    """A UsageError naming each setting in which ``config`` differs from the checkpoint's, with its value there."""
+    current = run_settings(config)
+    differences = [
+        _difference(key, recorded[key], current[key])
+        for key in RESUME_SETTINGS
+        if key in recorded and recorded[key] != current[key]
+    ]
+    if differences:
+        raise UsageError(
+            f"--resume: the checkpoint in {config.save_dir} was made with {'; '.join(differences)}. A resumed run "
+            "keeps its settings: pass the checkpoint's (or leave out a flag whose default it used), or start a new "
+            "run in another --save_dir"
+        )
+
+
+def _difference(key: str, then: Any, now: Any) -> str:
+    if key == "world_size":
+        return f"{then} ranks, not {now} (launch {then}, e.g. deepspeed --num_gpus {then})"
+    if key == "zero_stage":
+        return f"ZeRO stage {then}, not {now} (pass a --ds_config of stage {then})"
+    return f"{RESUME_SETTINGS[key]} {_shown(key, then)}, not {_shown(key, now)}"
+
+
+def _shown(key: str, value: Any) -> str:
+    if value is None:
+        return {"init_from": "none (a --preset model)", "tokenizer": "default"}.get(key, "none")
+    return str(value)
 
 
 def save_checkpoint(engine, config: RunConfig, rank: int, step: int, data: PackedBatches, run_id: str | None) -> None:
@@ -30,8 +124,8 @@ def save_checkpoint(engine, config: RunConfig, rank: int, step: int, data: Packe
     if rank == 0:
         # What launchers/analyze.py needs to rebuild the model and its tokenizer from this directory.
         engine.module.config.save_pretrained(save_dir)
-        run = {"tokenizer": config.tokenizer_spec, "dataset": config.dataset}
-        (save_dir / "vscale_run.json").write_text(json.dumps(run))
+        run = {"tokenizer": config.tokenizer_spec, "dataset": config.dataset, "settings": run_settings(config)}
+        (save_dir / _RECORD).write_text(json.dumps(run, indent=1))
     (rank_dir / f"data_rank{rank:05d}.json").write_text(json.dumps(data.state_dict()))
     torch.save(_rng_state(), rank_dir / f"rng_rank{rank:05d}.pt")
     dist.barrier()

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import time
 from pathlib import Path
 
 import torch
 
 from vscale_plugin.data import DataError
-from vscale_plugin.launch.cli import OneLineParser, UsageError
+from vscale_plugin.launch.cli import OneLineParser, UsageError, check_model_config
+from vscale_plugin.launch.distributed import from_rank0
 from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
 from vscale_plugin.ops.vscale import KERNELS, MODES
-from vscale_plugin.train.checkpoint import has_checkpoint
+from vscale_plugin.train.checkpoint import check_resume, has_checkpoint, recorded_settings
 from vscale_plugin.train.config import RunConfig
-from vscale_plugin.train.recipe import PRESETS
+from vscale_plugin.train.recipe import PRESETS, Preset
+
+DEFAULT_EXPERIMENT = "vscale-plugin"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write no checkpoint, not even at the end (throughput runs); such a run cannot be resumed",
     )
-    p.add_argument("--experiment", default="vscale-plugin", help="MLflow experiment")
-    p.add_argument("--run_name", default=None, help="MLflow run name (default: <preset>-<vscale>-<time>)")
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help=f"MLflow experiment (default: {DEFAULT_EXPERIMENT}; on --resume the checkpoint's)",
+    )
+    p.add_argument(
+        "--run_name",
+        default=None,
+        help="MLflow run name (default: <preset>-<vscale>-<time>; on --resume the checkpoint's)",
+    )
     p.add_argument("--log_every", type=int, default=1, help="steps between metric logs")
     return p  # fmt: skip
 
@@ -123,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         least = 0 if flag in ("warmup", "stats_every") else 1
         if value is not None and value < least:
             raise UsageError(f"--{flag} {value}: must be >= {least}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr {args.lr}: the peak learning rate must be > 0, e.g. --lr 3e-4")
+    if args.min_lr is not None and not args.min_lr >= 0:
+        raise UsageError(f"--min_lr {args.min_lr}: must be >= 0 (0: the cosine decays to zero)")
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UsageError(f"--stop_after_steps {args.stop_after_steps}: must be >= 1")
     if args.no_checkpoint:
@@ -138,7 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The run configuration of parsed flags on ``world_size`` ranks: the recipe and DeepSpeed config resolved, the
-    dataset, --init_from and --save_dir checked (the save dir is created). Raises UsageError/ConfigError/DataError."""
+    dataset, --init_from and --save_dir checked (the save dir is created), on --resume the checkpoint's settings
+    compared. Raises UsageError/ConfigError/DataError. Call it on every rank (it starts with a collective)."""
+    # Each rank's clock may be on either side of a second: the default run name (and save dir) is rank 0's.
+    started = from_rank0(time.strftime("%Y%m%d-%H%M%S"))
     raw = load_ds_config(args.ds_config)
     recipe = PRESETS[args.preset].with_overrides(
         max_steps=args.max_steps, seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
@@ -146,6 +165,12 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     )  # fmt: skip
     if args.global_batch is None and args.micro_batch is not None:
         recipe = recipe.with_overrides(global_batch=max(recipe.global_batch, recipe.micro_batch * world_size))
+    check_recipe(recipe, args)
+    if args.stats_every > recipe.max_steps:
+        raise UsageError(
+            f"--stats_every {args.stats_every} is more than --max_steps {recipe.max_steps}, so no step would be "
+            f"measured; pass --stats_every {recipe.max_steps} or less (0: no statistics)"
+        )
     gpu = torch.cuda.is_available()
     ds_config = fill_ds_config(
         raw,
@@ -159,16 +184,17 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
         raise DataError(f"--dataset {args.dataset}: no such file or directory; give a jsonl/json/parquet/txt file, a "
                         "directory of them or a saved HF dataset, or use --dataset smoke / --dataset c4")  # fmt: skip
-    if args.init_from is not None and not _looks_like_hub_name(args.init_from) and not Path(args.init_from).exists():
-        raise UsageError(
-            f"--init_from {args.init_from}: no such directory; give a saved HF model directory or a hub name"
-        )
-    run_name = args.run_name or (
-        f"{args.preset if args.init_from is None else 'init'}-{args.vscale}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.init_from is not None:
+        check_init_from(args, recipe.seq_len)
+    recorded = recorded_settings(Path(args.save_dir)) if args.resume and has_checkpoint(Path(args.save_dir)) else {}
+    run_name = (
+        args.run_name
+        or recorded.get("run_name")
+        or (f"{args.preset if args.init_from is None else 'init'}-{args.vscale}-{started}")
     )
     save_dir = Path(args.save_dir) if args.save_dir is not None else Path("checkpoints") / run_name
     check_save_dir(save_dir, args.resume)
-    return RunConfig(
+    config = RunConfig(
         recipe=recipe,
         init_from=args.init_from,
         vscale=args.vscale,
@@ -189,8 +215,47 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         save_every=args.save_every,
         resume=args.resume,
         checkpoint=not args.no_checkpoint,
-        experiment=args.experiment,
+        experiment=args.experiment or recorded.get("experiment") or DEFAULT_EXPERIMENT,
         run_name=run_name,
+    )
+    check_resume(config, recorded)
+    return config
+
+
+def check_recipe(recipe: Preset, args: argparse.Namespace) -> None:
+    """A schedule that does what its flags say: the cosine ends below its peak, not above it."""
+    if recipe.min_lr > recipe.lr:
+        raise UsageError(
+            f"{_as_set(recipe, args, 'min_lr')} is above {_as_set(recipe, args, 'lr')}: the schedule would climb from "
+            f"the peak to {recipe.min_lr / recipe.lr:.3g}x it; pass --min_lr {recipe.lr / 10:.3g} (a tenth, as the "
+            f"presets do) or anything up to {recipe.lr}"
+        )
+
+
+def _as_set(recipe: Preset, args: argparse.Namespace, field: str) -> str:
+    """A recipe value as the user set it: by its flag, or by the preset."""
+    value = getattr(recipe, field)
+    return f"--{field} {value}" if getattr(args, field) is not None else f"{field} {value} (the {recipe.name} preset's)"
+
+
+def check_init_from(args: argparse.Namespace, seq_len: int) -> None:
+    """--init_from names a model this run can continue: not a launcher checkpoint, a supported architecture when
+    V-scale or the statistics are on, with positions for --seq_len tokens."""
+    name = args.init_from
+    if not _looks_like_hub_name(name) and not Path(name).exists():
+        raise UsageError(f"--init_from {name}: no such directory; give a saved HF model directory or a hub name")
+    if has_checkpoint(Path(name)):
+        raise UsageError(
+            f"--init_from {name} holds launchers/pretrain.py checkpoints, not a Hugging Face model; continue that run "
+            f"with --resume --save_dir {name}"
+        )
+    check_model_config(
+        name,
+        "--init_from",
+        seq_len,
+        needs_registry=args.vscale != "off",
+        needs_statistics=args.stats_every > 0,
+        hint="or continue it without V-scale and statistics (--vscale off, --stats_every 0)",
     )
 
 
@@ -199,7 +264,9 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def check_save_dir(save_dir: Path, resume: bool) -> None:
-    """A writable directory; holding a checkpoint exactly when --resume is given (nothing is ever overwritten)."""
+    """A directory that can be written; holding a checkpoint exactly when --resume is given (nothing is ever
+    overwritten). Creates nothing: the run makes it once every check has passed (a bad input leaves no empty
+    directory behind), so writability is probed in its nearest existing ancestor."""
     found = has_checkpoint(save_dir)
     if resume and not found:
         raise UsageError(
@@ -211,9 +278,12 @@ def check_save_dir(save_dir: Path, resume: bool) -> None:
             f"--save_dir {save_dir} already holds a checkpoint; pass --resume to continue it or choose "
             "another --save_dir"
         )
+    existing = next(p for p in (save_dir.absolute(), *save_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--save_dir {save_dir}: not writable ({existing} is a file, not a directory); choose a "
+                         "directory you can write to")  # fmt: skip
+    probe = existing / f".vsp-write-test-{socket.gethostname()}-{os.getpid()}"  # one per rank: ranks probe at once
     try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        probe = save_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

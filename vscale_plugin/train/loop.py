@@ -1,23 +1,25 @@
-"""The training loop: optimiser steps up to --max_steps (or --stop_after_steps), evaluation, the statistics, metric
-logging, checkpoints on the way and at the end, and the throughput summary."""
+"""The training loop: optimiser steps up to --max_steps (or --stop_after_steps, or a stop request), evaluation, the
+statistics, metric logging, checkpoints on the way and at the end, and the throughput summary."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 import time
 import warnings
 
 import torch
 
-from vscale_plugin.data import PackedBatches, Tokenizer
+from vscale_plugin.data import PackedBatches
 from vscale_plugin.launch.distributed import mean_over_ranks
 from vscale_plugin.stats import StatsCollector
 from vscale_plugin.tracking import RunLogger
-from vscale_plugin.train.checkpoint import has_checkpoint, save_checkpoint
+from vscale_plugin.train.checkpoint import save_checkpoint
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.mlflow_run import log_profiles
+from vscale_plugin.train.stop import StopRequest
 from vscale_plugin.train.throughput import count_flops_per_token, peak_flops, summary
 
 
@@ -27,11 +29,13 @@ def train(
     config: RunConfig,
     rank: int,
     data: PackedBatches,
-    tokenizer: Tokenizer,
+    eval_data: PackedBatches,
     logger: RunLogger | None,
     start_step: int,
-) -> bool:
-    """Train from ``start_step``; True when the run reached --max_steps. ``logger`` is rank 0's (None elsewhere)."""
+    stop: StopRequest,
+) -> int:
+    """Train from ``start_step`` to the step this invocation ends at (``config.end_after``), or to the step boundary
+    where ``stop`` is agreed; returns the step reached, checkpointed. ``logger`` is rank 0's (None elsewhere)."""
     recipe, device = config.recipe, engine.device
     accum = engine.gradient_accumulation_steps()
     tokens_per_step = recipe.global_batch * recipe.seq_len
@@ -50,12 +54,14 @@ def train(
     batches = iter(data)
     collector = StatsCollector(engine, every=config.stats_every) if config.stats_every else None
     step = start_step
+    # The step the latest checkpoint holds, so that the last one is not written twice.
+    saved = start_step if config.resume else None
     warned = False
     metrics: dict[str, float] = {}
     timings: list[tuple[float, float | None]] = []  # (step_s, mfu) of each step of this invocation
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    while step < end:
+    while step < end and not stop.agreed():
         t0 = time.perf_counter()
         losses = []
         with collector.capture(step + 1) if collector is not None else contextlib.nullcontext():
@@ -83,7 +89,7 @@ def train(
             metrics["perf/mfu"] = flops_per_token * tokens_per_step / step_s / (peak * config.world_size)
         timings.append((step_s, metrics.get("perf/mfu")))
         if step % config.eval_every == 0 or step == recipe.max_steps:
-            metrics["eval/loss"] = evaluate(engine, config, rank, tokenizer)
+            metrics["eval/loss"] = evaluate(engine, eval_data, config.eval_batches)
         stats = collector.result() if collector is not None else {}
         metrics.update(stats)
         new_step = skip_through is None or step > skip_through
@@ -100,31 +106,32 @@ def train(
             progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}", refresh=False)
         if config.save_every and step % config.save_every == 0 and step != end:
             save_checkpoint(engine, config, rank, step, data, logger.run_id if logger else None)
+            saved = step
     if progress is not None:
         progress.close()
     if rank == 0:
         _write_summary(config, device, step, timings, metrics)
+    signalled = f" on {signal.Signals(stop.stopped_by).name}" if stop.stopped_by else ""
     if not config.checkpoint:
         if rank == 0:
-            print(f"stopped at step {step}/{recipe.max_steps}; no checkpoint (--no_checkpoint)", flush=True)
-    else:
-        if step > start_step or not has_checkpoint(config.save_dir):
-            save_checkpoint(engine, config, rank, step, data, logger.run_id if logger is not None else None)
-        if rank == 0:
-            print(f"stopped at step {step}/{recipe.max_steps}; checkpoint in {config.save_dir}", flush=True)
-    return step >= recipe.max_steps
+            print(f"stopped at step {step}/{recipe.max_steps}{signalled}; no checkpoint (--no_checkpoint)", flush=True)
+        return step
+    if saved != step:
+        save_checkpoint(engine, config, rank, step, data, logger.run_id if logger is not None else None)
+    if rank == 0:
+        again = f"; continue it with --resume --save_dir {config.save_dir}" if signalled else ""
+        print(f"stopped at step {step}/{recipe.max_steps}{signalled}; checkpoint in {config.save_dir}{again}",
+              flush=True)  # fmt: skip
+    return step
 
 
-def evaluate(engine, config: RunConfig, rank: int, tokenizer: Tokenizer) -> float:
-    """eval/loss: the mean loss of --eval_batches held-out micro-batches per rank, over all ranks."""
-    recipe = config.recipe
-    data = PackedBatches(config.dataset, tokenizer, recipe.seq_len, recipe.micro_batch, rank=rank,
-                         world_size=config.world_size, seed=config.seed, split="eval")  # fmt: skip
+def evaluate(engine, data: PackedBatches, batches: int) -> float:
+    """eval/loss: the mean loss of the first ``batches`` micro-batches per rank of the eval split, over all ranks."""
     losses = []
     engine.eval()
     with torch.no_grad():
         for i, batch in enumerate(data):
-            if i >= config.eval_batches:
+            if i >= batches:
                 break
             batch = batch.to(engine.device)
             losses.append(engine(input_ids=batch, labels=batch).loss.float().item())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 import vscale_plugin
 from vscale_plugin.data import DataError, Tokenizer
+from vscale_plugin.data.hub import hub_unreachable
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import llama_config
 
@@ -20,9 +22,36 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
+def check_vocabulary(config: RunConfig, tokenizer: Tokenizer) -> None:
+    """A DataError when ``tokenizer`` has ids beyond the vocabulary of the model ``config`` trains, before it is
+    built (from the --init_from model's config alone)."""
+    if config.init_from is not None:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(config.init_from, local_files_only=_hub_unreachable(config)).vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise DataError(
+                f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but {config.init_from} has "
+                f"{vocab} embeddings; use the model's own tokenizer (--tokenizer)"
+            )
+        return
+    recipe = config.recipe
+    if recipe.vocab_size is not None and tokenizer.vocab_size > recipe.vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but preset {recipe.name} has "
+            f"a {recipe.vocab_size}-token vocabulary; use a tokenizer with at most {recipe.vocab_size} (the paper's: "
+            "gpt2)"
+        )
+
+
+def _hub_unreachable(config: RunConfig) -> bool:
+    """Load a hub --init_from from the local cache alone when the hub cannot be reached (at once, no retries)."""
+    return not Path(config.init_from).exists() and hub_unreachable() is not None
+
+
 def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
     """The model of ``config`` in training mode, V-scale applied (or removed for ``--vscale off``), ready for
-    ``deepspeed.initialize``. Raises DataError when the tokenizer does not fit the model's vocabulary."""
+    ``deepspeed.initialize``; :func:`check_vocabulary` has checked that ``tokenizer`` fits it."""
     recipe = config.recipe
     zero3 = None
     if config.zero_stage == 3:
@@ -34,20 +63,13 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
     if config.init_from is not None:
         dtype = torch.bfloat16 if config.bf16 else torch.float32
         model = vscale_plugin.from_pretrained(
-            config.init_from, attn_implementation=config.attn_implementation, dtype=dtype
+            config.init_from,
+            attn_implementation=config.attn_implementation,
+            dtype=dtype,
+            local_files_only=_hub_unreachable(config),
         )
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise DataError(
-                f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but {config.init_from} has "
-                f"{model.config.vocab_size} embeddings; use the model's own tokenizer (--tokenizer)"
-            )
     else:
         vocab = recipe.vocab_size or tokenizer.vocab_size
-        if tokenizer.vocab_size > vocab:
-            raise DataError(
-                f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but preset {recipe.name} has "
-                f"a {vocab}-token vocabulary; use a tokenizer with at most {vocab} (the paper's: gpt2)"
-            )
         model = new_model(llama_config(recipe, vocab, tokenizer.eos_id), config.seed, config.attn_implementation)
     del zero3
     if config.vscale != "off":
