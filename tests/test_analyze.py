@@ -109,6 +109,53 @@ def test_analyze_missing_model_is_a_one_line_error(saved):
     assert "Traceback" not in proc.stderr
 
 
+def _assert_error_line(proc, *names):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), line
+    for name in names:
+        assert name in line, (name, line)
+
+
+def test_analyze_runs_as_a_module(saved):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{saved / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+           "VSP_CACHE": str(saved / "cache")}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "vscale_plugin.apps.analyze", "--model", str(saved / "model"),
+                           "--dataset", str(saved / "corpus.jsonl"), "--batches", "1", "--batch_size", "2",
+                           "--seq_len", "48", "--out", str(saved / "as-module"), "--run_name", "as-module"],
+                          cwd=saved, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "median R_GS" in proc.stdout, "python -m ran nothing"
+    assert (saved / "as-module" / "metrics.json").is_file()
+
+
+def test_analyze_a_directory_that_is_no_model_names_model_not_tokenizer(saved, tmp_path):
+    # A directory with the model's tokenizer but no config: before the fix the tokenizer loaded from it and the
+    # error came later, from the model, as a traceback or as a tokenizer complaint.
+    only_tokenizer = tmp_path / "only-tokenizer"
+    only_tokenizer.mkdir()
+    for f in (saved / "model").iterdir():
+        if "token" in f.name:
+            (only_tokenizer / f.name).write_bytes(f.read_bytes())
+    proc = _analyze(saved, "--model", only_tokenizer, "--dataset", saved / "corpus.jsonl")
+    _assert_error_line(proc, f"--model {only_tokenizer}", "not a Hugging Face model", "save_pretrained")
+
+
+def test_analyze_with_a_seq_len_beyond_the_model_positions_is_refused(saved):
+    proc = _analyze(saved, "--model", saved / "model", "--dataset", saved / "corpus.jsonl", "--seq_len", 300)
+    _assert_error_line(proc, "--seq_len 300", "256 positions", "--seq_len 256 or less")
+
+
+def test_analyze_an_architecture_without_statistics_is_refused_naming_it(saved, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(tmp_path / "gpt2")
+    proc = _analyze(saved, "--model", tmp_path / "gpt2", "--dataset", saved / "corpus.jsonl", "--tokenizer",
+                    saved / "model")  # fmt: skip
+    _assert_error_line(proc, f"--model {tmp_path / 'gpt2'}", "gpt2", "llama")
+
+
 @pytest.mark.distributed
 def test_analyze_under_zero3_on_two_ranks_equals_one_process(saved):
     from vscale_plugin.testing.distributed import run_deepspeed
