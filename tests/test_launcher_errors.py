@@ -303,6 +303,16 @@ def test_stats_every_beyond_max_steps_exits_2_instead_of_measuring_nothing(tmp_p
     _assert_usage_error(proc, tmp_path, "--stats_every 50", "--max_steps 10", "--stats_every 10 or less")
 
 
+def test_a_malformed_synthetic_task_exits_2_naming_the_option(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--dataset", "bigram_backcopy:vocab=64,trigers=3")
+    _assert_usage_error(proc, tmp_path, "'trigers=3' is not an option", "vocab, triggers, sparsity, task_seed")
+
+
+def test_a_tokenizer_for_the_synthetic_task_exits_2_and_says_to_drop_it(tmp_path: Path, cache_dir: Path) -> None:
+    proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--preset", "sinklab", "--tokenizer", "gpt2")
+    _assert_usage_error(proc, tmp_path, "--tokenizer gpt2", "own vocabulary", "drop --tokenizer")
+
+
 # ---- data that passes the path check but cannot train ----
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import vscale_plugin
-from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, build_tokenizer, padded_batches
+from vscale_plugin.data import TOKENIZER_CACHE, DataError, build_tokenizer, check_dataset, open_batches, padded_batches
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, check_model_config, fail
 from vscale_plugin.launch.distributed import distributed, exit_after_distributed, rank0_first
 from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
@@ -45,7 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="HF model name or directory, or a launchers/pretrain.py --save_dir (DeepSpeed checkpoint)",
     )
-    p.add_argument("--dataset", default="smoke", help="'smoke', 'c4' or a PATH, as for pretrain.py")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="'smoke', 'c4', a PATH or bigram_backcopy[:...], as for pretrain.py (default: a training checkpoint's "
+        "own, else smoke)",
+    )
     p.add_argument(
         "--split",
         default="eval",
@@ -55,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="default: the model's own (or the checkpoint's run)")
     p.add_argument("--batches", type=int, default=8, help="batches per rank, combined into one gradient")
     p.add_argument("--batch_size", type=int, default=4, help="sequences per batch")
-    p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (with --padding: at most)")
+    p.add_argument(
+        "--seq_len",
+        type=int,
+        default=None,
+        help="tokens per sequence (with --padding: at most; default: a training checkpoint's own, else 512)",
+    )
     p.add_argument(
         "--padding",
         default="none",
@@ -78,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the metrics and profiles as JSON here")
     args = p.parse_args(argv)  # fmt: skip
     for flag in ("batches", "batch_size", "seq_len"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     if args.run_name is None:
         args.run_name = f"analyze-{Path(args.model).name or args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -122,9 +132,23 @@ def _tokenizer_spec(args: argparse.Namespace) -> tuple[str | None, str]:
     if args.tokenizer is not None:
         return args.tokenizer, args.dataset
     if _is_training_checkpoint(args.model):
-        recorded = json.loads((Path(args.model) / "vscale_run.json").read_text())
+        recorded = _recorded_run(args.model)
         return recorded["tokenizer"], recorded["dataset"]
     return args.model, args.dataset
+
+
+def _recorded_run(model: str) -> dict[str, Any]:
+    """What a launcher checkpoint recorded of its run (vscale_run.json): tokenizer, dataset, settings."""
+    return json.loads((Path(model) / "vscale_run.json").read_text())
+
+
+def _defaults_from_run(args: argparse.Namespace) -> None:
+    """--dataset and --seq_len left out: a training checkpoint's own (its data, its context), else smoke and 512."""
+    settings = _recorded_run(args.model).get("settings", {}) if _is_training_checkpoint(args.model) else {}
+    if args.dataset is None:
+        args.dataset = _recorded_run(args.model)["dataset"] if _is_training_checkpoint(args.model) else "smoke"
+    if args.seq_len is None:
+        args.seq_len = settings.get("seq_len", 512)
 
 
 def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, Any]:
@@ -139,12 +163,12 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
     if not Path(args.model).exists() and args.model.startswith((".", "/")):
         raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
                          "launchers/pretrain.py --save_dir")  # fmt: skip
+    _defaults_from_run(args)
     # The model first: a directory that is no model must be named as such, not blamed on the tokenizer read from it.
     check_model_config(args.model, "--model", args.seq_len, needs_registry=False, needs_statistics=True)
     spec, tokenizer_dataset = _tokenizer_spec(args)
     tokenizer = rank0_first(build_tokenizer, spec, tokenizer_dataset, TOKENIZER_CACHE)
-    if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
-        raise DataError(f"--dataset {args.dataset}: no such file or directory; use smoke, c4 or an existing path")
+    check_dataset(args.dataset)
     model = load_model(args, dtype, ds_config)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise DataError(
@@ -183,8 +207,8 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
 
 def _batches(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
     """(input_ids, attention_mask or None) per batch of this rank: packed windows, or padded documents."""
-    data = PackedBatches(args.dataset, tokenizer, args.seq_len, args.batch_size, rank=rank, world_size=world_size,
-                         seed=args.seed, split=args.split)  # fmt: skip
+    data = open_batches(args.dataset, tokenizer, args.seq_len, args.batch_size, rank=rank, world_size=world_size,
+                        seed=args.seed, split=args.split)  # fmt: skip
     if args.padding == "none":
         return ((ids, None) for ids in data)
     return padded_batches(data.documents(), args.batch_size, args.seq_len, args.padding, pad_id=tokenizer.eos_id)

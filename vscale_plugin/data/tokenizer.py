@@ -72,9 +72,16 @@ def build_tokenizer(spec: str | None, dataset: str, cache_dir: Path) -> Tokenize
 
     ``spec`` ending in ``.model``: a SentencePiece file; any other ``spec``: a Hugging Face tokenizer name or
     directory, through ``transformers.AutoTokenizer``. Without ``spec``: for ``dataset == "smoke"`` a SentencePiece
-    model trained on the smoke corpus and cached in ``cache_dir`` (trained once, reused after); otherwise the
-    paper's GPT-2 tokenizer.
+    model trained on the smoke corpus and cached in ``cache_dir`` (trained once, reused after); for the synthetic
+    ``bigram_backcopy`` its own vocabulary (no ``spec`` allowed); otherwise the paper's GPT-2 tokenizer.
     """
+    from vscale_plugin.data.bigram_backcopy import BigramBackcopy, is_bigram_backcopy
+
+    if is_bigram_backcopy(dataset):
+        if spec is not None:
+            raise DataError(f"--tokenizer {spec}: --dataset {dataset} has its own vocabulary and no text to "
+                            "tokenize; drop --tokenizer")  # fmt: skip
+        return BigramBackcopy.parse(dataset).tokenizer()
     if spec is None:
         if dataset == "smoke":
             return _smoke_tokenizer(Path(cache_dir))

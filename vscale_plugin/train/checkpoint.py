@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vscale_plugin.data import PackedBatches
+from vscale_plugin.data import Batches
 from vscale_plugin.launch.cli import UsageError
 from vscale_plugin.train.config import RunConfig
 
@@ -114,7 +114,7 @@ def _shown(key: str, value: Any) -> str:
     return str(value)
 
 
-def save_checkpoint(engine, config: RunConfig, rank: int, step: int, data: PackedBatches, run_id: str | None) -> None:
+def save_checkpoint(engine, config: RunConfig, rank: int, step: int, data: Batches, run_id: str | None) -> None:
     """Checkpoint ``step`` in ``config.save_dir`` (tag ``step<8 digits>``); a collective: every rank calls it."""
     save_dir = config.save_dir
     tag = f"step{step:08d}"
@@ -131,7 +131,7 @@ def save_checkpoint(engine, config: RunConfig, rank: int, step: int, data: Packe
     dist.barrier()
 
 
-def load_checkpoint(engine, config: RunConfig, rank: int, data: PackedBatches) -> tuple[int, str | None]:
+def load_checkpoint(engine, config: RunConfig, rank: int, data: Batches) -> tuple[int, str | None]:
     """Restore the latest checkpoint of ``config.save_dir`` into ``engine`` and ``data`` (and this rank's RNG);
     returns its step and MLflow run id."""
     save_dir = config.save_dir

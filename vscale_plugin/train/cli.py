@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vscale_plugin.data import DataError
+from vscale_plugin.data import check_dataset
 from vscale_plugin.launch.cli import OneLineParser, UsageError, check_model_config
 from vscale_plugin.launch.distributed import from_rank0
 from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dataset",
-        default="smoke",
-        help="'smoke' (offline, ships with Python), 'c4' (streams allenai/c4 'en'), or a PATH to "
-        "jsonl/json/parquet/txt files or a saved HF dataset",
+        default=None,
+        help="'smoke' (offline, ships with Python), 'c4' (streams allenai/c4 'en'), a PATH to "
+        "jsonl/json/parquet/txt files or a saved HF dataset, or the synthetic 'bigram_backcopy[:vocab=64,triggers=3,"
+        "sparsity=0.1,task_seed=0]' (default: the preset's: bigram_backcopy for sinklab, else smoke)",
     )
     p.add_argument(
         "--tokenizer",
@@ -81,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stats_every",
         type=int,
-        default=0,
-        help="measure attention sinks, massive activations and gradient sinks every N steps (0: off)",
+        default=None,
+        help="measure attention sinks, massive activations and gradient sinks every N steps (0: off; default: the "
+        "preset's, about 10 per run for sinklab, else 0)",
     )
     p.add_argument("--save_dir", default=None, help="DeepSpeed checkpoints (default: checkpoints/<run_name>)")
     p.add_argument("--save_every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, each checked on its own and against the others; what needs the ranks waits for build_config."""
     args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.dataset is None:
+        args.dataset = preset.dataset
     if args.ds_config is None:
         raise UsageError("--ds_config is required; e.g. --ds_config ds_configs/zero2.json")
     for flag in (
@@ -139,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--lr {args.lr}: the peak learning rate must be > 0, e.g. --lr 3e-4")
     if args.min_lr is not None and not args.min_lr >= 0:
         raise UsageError(f"--min_lr {args.min_lr}: must be >= 0 (0: the cosine decays to zero)")
+    if args.stats_every is None:
+        args.stats_every = preset.default_stats_every(args.max_steps or preset.max_steps)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UsageError(f"--stop_after_steps {args.stop_after_steps}: must be >= 1")
     if args.no_checkpoint:
@@ -181,9 +188,7 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         bf16=gpu and torch.cuda.is_bf16_supported(),
         pin_memory=gpu,
     )
-    if args.dataset not in ("smoke", "c4") and not Path(args.dataset).exists():
-        raise DataError(f"--dataset {args.dataset}: no such file or directory; give a jsonl/json/parquet/txt file, a "
-                        "directory of them or a saved HF dataset, or use --dataset smoke / --dataset c4")  # fmt: skip
+    check_dataset(args.dataset)
     if args.init_from is not None:
         check_init_from(args, recipe.seq_len)
     recorded = recorded_settings(Path(args.save_dir)) if args.resume and has_checkpoint(Path(args.save_dir)) else {}

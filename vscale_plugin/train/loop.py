@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from vscale_plugin.data import PackedBatches
+from vscale_plugin.data import Batches
 from vscale_plugin.launch.distributed import mean_over_ranks
 from vscale_plugin.stats import StatsCollector
 from vscale_plugin.tracking import RunLogger
@@ -28,8 +28,8 @@ def train(
     scheduler,
     config: RunConfig,
     rank: int,
-    data: PackedBatches,
-    eval_data: PackedBatches,
+    data: Batches,
+    eval_data: Batches,
     logger: RunLogger | None,
     start_step: int,
     stop: StopRequest,
@@ -125,7 +125,7 @@ def train(
     return step
 
 
-def evaluate(engine, data: PackedBatches, batches: int) -> float:
+def evaluate(engine, data: Batches, batches: int) -> float:
     """eval/loss: the mean loss of the first ``batches`` micro-batches per rank of the eval split, over all ranks."""
     losses = []
     engine.eval()

@@ -14,7 +14,7 @@ import os
 
 import torch.distributed as dist
 
-from vscale_plugin.data import TOKENIZER_CACHE, DataError, PackedBatches, Tokenizer, build_tokenizer
+from vscale_plugin.data import TOKENIZER_CACHE, Batches, DataError, Tokenizer, build_tokenizer, open_batches
 from vscale_plugin.launch.cli import ConfigError, fail
 from vscale_plugin.launch.distributed import distributed, exit_after_distributed, on_every_rank, rank0_first
 from vscale_plugin.train.checkpoint import load_checkpoint
@@ -74,13 +74,13 @@ def run(argv: list[str] | None = None) -> int:
     return stop.exit_code
 
 
-def open_data(config: RunConfig, tokenizer: Tokenizer, rank: int) -> tuple[PackedBatches, PackedBatches]:
+def open_data(config: RunConfig, tokenizer: Tokenizer, rank: int) -> tuple[Batches, Batches]:
     """This rank's training and eval batches, each read up to its first batch now, so that a dataset that cannot
     give them (too small for the eval slice, no documents for a rank, unreadable) fails before training."""
     recipe = config.recipe
     train_data, eval_data = (
-        PackedBatches(config.dataset, tokenizer, recipe.seq_len, recipe.micro_batch, rank=rank,
-                      world_size=config.world_size, seed=config.seed, split=split)
+        open_batches(config.dataset, tokenizer, recipe.seq_len, recipe.micro_batch, rank=rank,
+                     world_size=config.world_size, seed=config.seed, split=split)
         for split in ("train", "eval")
     )  # fmt: skip
     train_data.check()

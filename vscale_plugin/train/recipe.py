@@ -32,6 +32,12 @@ class Preset:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0
+    dataset: str = "smoke"  # the --dataset when none is given
+    stats_per_run: int = 0  # statistics steps per run when --stats_every is not given (0: none)
+
+    def default_stats_every(self, max_steps: int) -> int:
+        """--stats_every when none is given: ``stats_per_run`` measurements over ``max_steps`` steps (0: none)."""
+        return max(1, max_steps // self.stats_per_run) if self.stats_per_run else 0
 
     def with_overrides(self, **overrides: Any) -> Preset:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -46,6 +52,11 @@ PRESETS: dict[str, Preset] = {
         # smoke: a few minutes on 2 CPU cores with the offline corpus; vocabulary from its SentencePiece model
         Preset("smoke", layers=4, hidden=128, heads=4, kv_heads=2, head_dim=32, mlp=352, seq_len=128, lr=3e-3,
                min_lr=3e-4, warmup=20, max_steps=150, global_batch=16, micro_batch=4, vocab_size=None),
+        # sinklab: the Bigram-Backcopy task, on which sinks, value drains and token-0 peaks form on 2 CPU cores in
+        # minutes; chosen by measurement (benchmarks/sinklab_search.py, benchmarks/RESULTS.md "sinklab")
+        Preset("sinklab", layers=2, hidden=64, heads=4, kv_heads=4, head_dim=16, mlp=256, seq_len=64, lr=1e-2,
+               min_lr=1e-3, warmup=50, max_steps=3000, global_batch=32, micro_batch=16, vocab_size=None,
+               weight_decay=0.01, dataset="bigram_backcopy", stats_per_run=10),
         Preset("0.1B", layers=16, hidden=512, heads=8, kv_heads=8, head_dim=64, mlp=1408, seq_len=1024, lr=5e-4,
                min_lr=5e-5, warmup=1000, max_steps=20000, global_batch=512, micro_batch=16),
         Preset("0.3B", layers=16, hidden=1024, heads=8, kv_heads=4, head_dim=128, mlp=2816, seq_len=2048, lr=1e-3,
