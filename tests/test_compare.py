@@ -207,6 +207,23 @@ def _expected(client: MlflowClient, run_id: str) -> dict[str, float | None]:
         "max tok0 |h_out|": metrics.get("ma/h_out/tok0/max"),
         "max tok0 |mlp_out|": metrics.get("ma/mlp_out/tok0/max"),
         "tokens/s": statistics.median(throughput) if throughput else None,
+        **_expected_per_layer(metrics),
+    }
+
+
+def _expected_per_layer(metrics: dict[str, float]) -> dict[str, float | None]:
+    """The per-layer columns from the raw per-layer keys: largest sink rate, largest token-0/rest |h_out| ratio,
+    token-0/rest |v| where the sink rate is largest."""
+    n = sum(1 for key in metrics if key.startswith("as/sink_rate/L"))
+    if n == 0:
+        return {"max sink rate": None, "max tok0/rest |h_out|": None, "tok0/rest |v|": None}
+    rates = [metrics[f"as/sink_rate/L{i:02d}"] for i in range(n)]
+    peaks = [metrics[f"ma/h_out/tok0/L{i:02d}"] / metrics[f"ma/h_out/rest/L{i:02d}"] for i in range(n)]
+    top = rates.index(max(rates))
+    return {
+        "max sink rate": max(rates),
+        "max tok0/rest |h_out|": max(peaks),
+        "tok0/rest |v|": metrics[f"ma/v/tok0/L{top:02d}"] / metrics[f"ma/v/rest/L{top:02d}"],
     }
 
 
@@ -279,7 +296,7 @@ def test_default_selection_is_the_newest_finished_training_run_of_each_mode(stor
 def test_every_number_in_report_equals_the_value_read_back_from_mlflow(store: Store, compared) -> None:
     assert compared.returncode == 0, compared.stderr[-3000:]
     rows = _table((store.root / "out" / "report.md").read_text())
-    assert _assert_numbers_match_mlflow(store.client, rows) == 3 * 8
+    assert _assert_numbers_match_mlflow(store.client, rows) == 3 * 11
     assert compared.stdout.startswith("| run | id | vscale |")  # the same table on the terminal
 
 

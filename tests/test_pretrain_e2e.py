@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from vscale_plugin.testing import metric_history
 from vscale_plugin.testing.distributed import run_deepspeed
 from vscale_plugin.testing.mlflow_server import MlflowServer
 
@@ -72,13 +73,6 @@ def _run(client: MlflowClient, name: str):
     return found[0]
 
 
-def _losses(client: MlflowClient, run) -> dict[int, float]:
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)), f"duplicated steps: {sorted(steps)}"
-    return {m.step: m.value for m in history}
-
-
 def test_vscale_and_baseline_runs_log_every_training_metric_and_loss_falls(runs, tracking_uri):
     client = MlflowClient(tracking_uri)
     for name, steps, mode in (("straight", 24, "learned"), ("baseline", 12, "off")):
@@ -90,7 +84,7 @@ def test_vscale_and_baseline_runs_log_every_training_metric_and_loss_falls(runs,
         assert run.data.params["world_size"] == "2"
         assert "model.hidden_size" in run.data.params and "deepspeed.zero_optimization.stage" in run.data.params
         assert run.data.params["git_commit"] and run.data.params["package_version"]
-        losses = _losses(client, run)
+        losses = metric_history(client, run.info.run_id)
         assert sorted(losses) == list(range(1, steps + 1))
         first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in range(steps - 2, steps + 1)) / 3
         assert last < first - 0.3, (name, losses)
@@ -98,9 +92,9 @@ def test_vscale_and_baseline_runs_log_every_training_metric_and_loss_falls(runs,
 
 def test_resume_continues_one_run_with_the_same_losses_as_a_straight_run(runs, tracking_uri):
     client = MlflowClient(tracking_uri)
-    straight = _losses(client, _run(client, "straight"))
+    straight = metric_history(client, _run(client, "straight").info.run_id)
     resumed_run = _run(client, "resumed")
-    resumed = _losses(client, resumed_run)
+    resumed = metric_history(client, resumed_run.info.run_id)
     assert sorted(resumed) == list(range(1, 25))
     for step in range(1, 25):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
@@ -134,7 +128,7 @@ def test_train_summary_holds_the_median_of_the_logged_step_times(runs, tracking_
         assert summary["median_step_s"] == pytest.approx(expected, rel=1e-9)
         assert summary["median_tokens_per_s"] == pytest.approx(16 * 128 / expected, rel=1e-9)
         assert summary["step"] == 24 and summary["world_size"] == 2 and summary["median_mfu"] is None
-        losses = _losses(client, _run(client, name))
+        losses = metric_history(client, _run(client, name).info.run_id)
         assert summary["train_loss"] == pytest.approx(losses[24], rel=1e-6)
 
 

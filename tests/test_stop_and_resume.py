@@ -18,6 +18,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from vscale_plugin.testing import metric_history
 from vscale_plugin.testing.distributed import deepspeed_executable, free_port, run_deepspeed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,13 +109,6 @@ def _run(client: MlflowClient, name: str):
     return run
 
 
-def _losses(client: MlflowClient, run) -> dict[int, float]:
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)), f"a step logged twice: {sorted(steps)}"
-    return {m.step: m.value for m in history}
-
-
 def test_sigint_to_the_deepspeed_launcher_stops_every_rank_and_resume_continues_exactly(tmp_path, env):
     # `kill -INT <pid of deepspeed>`: the runner dies and forwards nothing. Before the fix both ranks trained on,
     # orphaned, to step 200.
@@ -132,7 +126,7 @@ def test_sigint_to_the_deepspeed_launcher_stops_every_rank_and_resume_continues_
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     run = _run(client, "stopped")
     assert run.info.status == "KILLED"
-    assert sorted(_losses(client, run)) == list(range(1, stopped + 1))
+    assert sorted(metric_history(client, run.info.run_id)) == list(range(1, stopped + 1))
 
     # Resumed with the same flags (its name and experiment from the checkpoint), then a run never stopped.
     run_deepspeed(LAUNCHER, "--ds_config", ZERO2, "--save_dir", save_dir, *COMMON, "--resume",
@@ -140,7 +134,8 @@ def test_sigint_to_the_deepspeed_launcher_stops_every_rank_and_resume_continues_
     run_deepspeed(LAUNCHER, "--ds_config", ZERO2, "--save_dir", tmp_path / "straight", *COMMON, "--run_name",
                   "straight", "--stop_after_steps", str(stopped + 3), env=env)  # fmt: skip
     resumed_run = _run(client, "stopped")
-    resumed, straight = _losses(client, resumed_run), _losses(client, _run(client, "straight"))
+    resumed = metric_history(client, resumed_run.info.run_id)
+    straight = metric_history(client, _run(client, "straight").info.run_id)
     assert sorted(resumed) == sorted(straight) == list(range(1, stopped + 4))
     for step in straight:
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
@@ -162,7 +157,7 @@ def test_sigterm_to_the_whole_job_checkpoints_and_exits_non_zero(tmp_path, env):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     run = _run(client, "preempted")
     assert run.info.status == "KILLED"
-    assert max(_losses(client, run)) == stopped
+    assert max(metric_history(client, run.info.run_id)) == stopped
 
 
 def test_sigint_to_a_one_process_run_exits_130_with_a_checkpoint(tmp_path, env):
@@ -206,7 +201,7 @@ def _assert_refused(proc: subprocess.CompletedProcess, save_dir: Path, before: d
     assert _snapshot(save_dir) == before, "the checkpoint changed"
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     run = _run(client, "first")
-    assert run.info.status == "RUNNING" and max(_losses(client, run)) == 2
+    assert run.info.status == "RUNNING" and max(metric_history(client, run.info.run_id)) == 2
 
 
 def test_resume_with_another_seq_len_and_micro_batch_is_refused_naming_both(tmp_path, env, checkpointed):

@@ -3,6 +3,7 @@ command - baseline and V-scale trained with the same seed, data and recipe throu
 then the comparison report on the two runs.
 
     vsp-study --preset smoke --steps 150                                      # CPU, a few minutes per run
+    vsp-study --preset sinklab                       # Bigram-Backcopy: sinks form; baseline, learned, fixed V-scale
     vsp-study --preset 0.1B --dataset c4 --num_gpus 8 -- --tokenizer gpt2 --save_every 1000
 
 Both runs and the comparison are the installed modules, started by the interpreter running the study, so they use
@@ -21,6 +22,9 @@ from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fai
 from vscale_plugin.launch.ds_config import CONFIG_DIR, resolve_ds_config
 from vscale_plugin.train.recipe import PRESETS
 
+# The modes a study trains when --modes is not given.
+STUDY_MODES = {"sinklab": ("off", "learned", "fixed")}
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -31,15 +35,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = OneLineParser(prog="vsp-study", description="Baseline vs V-scale, same seed and data, then the comparison.")
     p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of each run (default: the preset's)")
-    p.add_argument("--modes", default="off,learned", help="comma-separated --vscale modes; 'off' is the baseline")
-    p.add_argument("--dataset", default="smoke")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated --vscale modes; 'off' is the baseline (default: off,learned; off,learned,fixed for "
+        "sinklab)",
+    )
+    p.add_argument("--dataset", default=None, help="default: the preset's (bigram_backcopy for sinklab, else smoke)")
     p.add_argument("--ds_config", default=str(CONFIG_DIR / "zero2.json"), help="a path or a shipped name (zero3)")
     p.add_argument("--num_gpus", type=int, default=2, help="ranks per run (CPU ranks when there is no GPU)")
-    p.add_argument("--stats_every", type=int, default=None, help="default: 5 measurements per run; 0: none")
+    p.add_argument(
+        "--stats_every", type=int, default=None, help="default: the preset's measurements per run, else 5; 0: none"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: study-<preset>)")
     p.add_argument("--out", default=None, help="directory for checkpoints and the report (default: studies/<name>)")
     args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.modes = args.modes or ",".join(STUDY_MODES.get(args.preset, ("off", "learned")))
+    args.dataset = args.dataset or preset.dataset
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in ("off", "learned", "fixed")]
     if unknown or len(modes) < 2 or "off" not in modes:
@@ -49,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         raise UsageError(f"--steps {args.steps}: must be >= 1, or leave it out for the preset's")
     if args.stats_every is not None and args.stats_every < 0:
         raise UsageError(f"--stats_every {args.stats_every}: must be >= 0 (0: no statistics)")
-    args.steps = PRESETS[args.preset].max_steps if args.steps is None else args.steps
-    args.stats_every = max(1, args.steps // 5) if args.stats_every is None else args.stats_every
+    args.steps = preset.max_steps if args.steps is None else args.steps
+    if args.stats_every is None:
+        args.stats_every = preset.default_stats_every(args.steps) or max(1, args.steps // 5)
     args.experiment = args.experiment or f"study-{args.preset}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.name = f"{args.experiment}-{stamp}"

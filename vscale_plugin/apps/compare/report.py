@@ -18,6 +18,9 @@ COLUMNS = (
     ("mean sink rate", "as/sink_rate/mean: mean over layers of the sink rate"),
     ("max tok0 |h_out|", "ma/h_out/tok0/max: largest token-0 norm of the residual stream over layers"),
     ("max tok0 |mlp_out|", "ma/mlp_out/tok0/max: largest token-0 norm of the MLP outputs over layers"),
+    ("max sink rate", "largest as/sink_rate/Lxx over layers (the sink layer: where it is largest)"),
+    ("max tok0/rest |h_out|", "largest ma/h_out/tok0/Lxx / ma/h_out/rest/Lxx over layers: the token-0 peak"),
+    ("tok0/rest |v|", "ma/v/tok0 / ma/v/rest at the sink layer: the value drain"),
     ("tokens/s", "median of perf/tokens_per_s over the run"),
 )
 
@@ -35,7 +38,56 @@ def summarize(run: RunData) -> dict[str, float | None]:
         "max tok0 |h_out|": run.latest.get("ma/h_out/tok0/max"),
         "max tok0 |mlp_out|": run.latest.get("ma/mlp_out/tok0/max"),
         "tokens/s": statistics.median(throughput) if throughput else None,
+        **_sink_layer_numbers(run),
     }
+
+
+def _sink_layer_numbers(run: RunData) -> dict[str, float | None]:
+    """The per-layer columns: the largest sink rate and token-0 peak over layers, the value drain at the sink layer."""
+    layers = sorted(key.rsplit("/", 1)[1] for key in run.latest if key.startswith("as/sink_rate/L"))
+    if not layers:
+        return {"max sink rate": None, "max tok0/rest |h_out|": None, "tok0/rest |v|": None}
+
+    def ratio(family: str, layer: str) -> float | None:
+        tok0, rest = run.latest.get(f"ma/{family}/tok0/{layer}"), run.latest.get(f"ma/{family}/rest/{layer}")
+        return tok0 / rest if tok0 is not None and rest else None
+
+    sink_layer = max(layers, key=lambda layer: run.latest[f"as/sink_rate/{layer}"])
+    peaks = [r for r in (ratio("h_out", layer) for layer in layers) if r is not None]
+    return {
+        "max sink rate": run.latest[f"as/sink_rate/{sink_layer}"],
+        "max tok0/rest |h_out|": max(peaks) if peaks else None,
+        "tok0/rest |v|": ratio("v", sink_layer),
+    }
+
+
+# The paper's directions (SPEC section 5), checked per V-scale run against the baseline: (what, column, the bound
+# on the ratio to the baseline, whether the ratio must be at least or at most it).
+DIRECTIONS = (
+    ("sinks kept", "max sink rate", 0.9, "at least"),
+    ("token-0 massive activations suppressed", "max tok0 |h_out|", 0.5, "at most"),
+)
+
+
+def directions(runs: list[RunData], baseline: RunData | None) -> list[str]:
+    """One line per V-scale run and direction: the ratio to the baseline and whether the paper's direction holds."""
+    if baseline is None:
+        return []
+    base = summarize(baseline)
+    lines = []
+    for run in runs:
+        if run is baseline:
+            continue
+        r = ratios(summarize(run), base)
+        for what, column, bound, side in DIRECTIONS:
+            value = r[column]
+            if value is None:
+                verdict = "not measured"
+            else:
+                holds = value >= bound if side == "at least" else value <= bound
+                verdict = "holds" if holds else "does not hold"
+            lines.append(f"- {run.mode}: {what} ({column}, {side} {bound}x the baseline's): {fmt(value)}x, {verdict}")
+    return lines
 
 
 def ratios(run: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, float | None]:
@@ -97,6 +149,11 @@ def write_report(
             else "No baseline (`--vscale off`) run was selected, so there are no ratio rows."
         ),
         "",
+        *(
+            ["The paper's directions (V-scale / baseline at the last statistics step):", "", *found, ""]
+            if (found := directions(runs, baseline))
+            else []
+        ),
         f"Runs (tracking URI `{uri}`):",
         "",
     ]
