@@ -300,6 +300,21 @@ def test_every_number_in_report_equals_the_value_read_back_from_mlflow(store: St
     assert compared.stdout.startswith("| run | id | vscale |")  # the same table on the terminal
 
 
+def test_the_report_states_the_papers_directions_with_the_ratios_of_its_table(store: Store, compared) -> None:
+    text = (store.root / "out" / "report.md").read_text()
+    rows = _table(text)
+    ratio = next(row for row in rows if row["vscale"] == "learned / off")
+    for what, column, bound, side in (
+        ("sinks kept", "max sink rate", 0.9, "at least"),
+        ("token-0 massive activations suppressed", "max tok0 |h_out|", 0.5, "at most"),
+    ):
+        value = float(ratio[column])
+        holds = value >= bound if side == "at least" else value <= bound
+        line = next(line for line in text.splitlines() if line.startswith(f"- learned: {what} "))
+        assert f"{side} {bound}x the baseline's): {ratio[column]}x" in line, line
+        assert line.endswith(", holds") if holds else line.endswith(", does not hold"), line
+
+
 def test_figures_are_non_empty_pngs_referenced_by_the_report(store: Store, compared) -> None:
     assert compared.returncode == 0, compared.stderr[-3000:]
     _assert_figures(store.root / "out", ALL_FIGURES)

@@ -83,23 +83,34 @@ def pretrain_command(mode: str, save_dir: Path, experiment: str, run_name: str, 
     ]  # fmt: skip
 
 
-def write_reference(path: Path, out: Path) -> dict[str, Any]:
-    """Run the sinklab study (baseline, learned and fixed V-scale; report in ``out``) and store its curves."""
+def write_reference(path: Path, out: Path, experiment: str | None = None) -> dict[str, Any]:
+    """Run the sinklab study (baseline, learned and fixed V-scale; report in ``out``) and store its curves; with
+    ``experiment``, read the curves of a sinklab study already in that MLflow experiment instead."""
+    import torch
     from mlflow import MlflowClient
 
     from vscale_plugin.apps import study
     from vscale_plugin.tracking import default_tracking_uri
     from vscale_plugin.train.recipe import PRESETS
 
-    experiment = f"sinklab-reference-{time.strftime('%Y%m%d-%H%M%S')}"
-    code = study.run(["--preset", "sinklab", "--experiment", experiment, "--out", str(out),
-                      "--modes", ",".join(REFERENCE_MODES)])  # fmt: skip
-    if code != 0:
-        raise SystemExit(f"the sinklab study failed (exit {code}); the reference is unchanged")
+    if experiment is None:
+        experiment = f"sinklab-reference-{time.strftime('%Y%m%d-%H%M%S')}"
+        code = study.run(["--preset", "sinklab", "--experiment", experiment, "--out", str(out),
+                          "--modes", ",".join(REFERENCE_MODES)])  # fmt: skip
+        if code != 0:
+            raise SystemExit(f"the sinklab study failed (exit {code}); the reference is unchanged")
     client = MlflowClient(default_tracking_uri())
-    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    runs = {run.data.params["vscale"]: run.info.run_id for run in found}
-    import torch
+    found = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string="tags.preset = 'sinklab' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    runs: dict[str, str] = {}
+    for run in found:  # the newest finished run of each mode (the comparison run has no preset tag)
+        runs.setdefault(run.data.tags["vscale"], run.info.run_id)
+    missing = [mode for mode in REFERENCE_MODES if mode not in runs]
+    if missing:
+        raise SystemExit(f"experiment {experiment} has no finished sinklab run of --vscale {', '.join(missing)}")
 
     reference = {
         "made_with": {
@@ -121,10 +132,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--write", type=Path, required=True, help="the reference file to (re)write")
     p.add_argument("--out", type=Path, default=None, help="the study's checkpoints and report (default: a temp dir)")
+    p.add_argument(
+        "--from_experiment",
+        default=None,
+        help="read the curves of a sinklab study already in this MLflow experiment instead of running one",
+    )
     args = p.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="sinklab-"))
-    write_reference(args.write, out)
-    print(f"sinklab: reference curves in {args.write}; the study's report in {out / 'report' / 'report.md'}")
+    write_reference(args.write, out, args.from_experiment)
+    report = "" if args.from_experiment else f"; the study's report in {out / 'report' / 'report.md'}"
+    print(f"sinklab: reference curves in {args.write}{report}")
     return 0
 
 
