@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vscale_plugin.data.errors import DataError
+from vscale_plugin.data.errors import DataError, check_same_stream, check_stream, malformed_position
 from vscale_plugin.data.tokenizer import Tokenizer
 
 NAME = "bigram_backcopy"
@@ -178,10 +178,7 @@ class BigramBackcopyBatches:
     ) -> None:
         if seq_len < 2 or micro_batch < 1:
             raise DataError(f"{NAME}: seq_len {seq_len} must be at least 2 and micro_batch {micro_batch} at least 1")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}; launch through deepspeed or torchrun")
-        if split not in ("train", "eval"):
-            raise DataError(f"split {split!r} is unknown; use 'train' or 'eval'")
+        check_stream(rank, world_size, split)
         self.task = BigramBackcopy.parse(dataset)
         self.dataset = dataset
         self.seq_len = seq_len
@@ -231,21 +228,10 @@ class BigramBackcopyBatches:
         return {**self._identity(), "position": {"batch": self._next}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = self._identity()
-        saved = {key: state.get(key) for key in expected}
-        if saved != expected:
-            differences = ", ".join(
-                f"{k}={saved[k]!r} (now {expected[k]!r})" for k in expected if saved[k] != expected[k]
-            )
-            raise DataError(
-                f"the data position in the checkpoint belongs to another stream: {differences}; resume with the "
-                "same dataset, seed, micro-batch and number of ranks"
-            )
+        check_same_stream(state, self._identity(), "the same dataset, seed, micro-batch and number of ranks")
         position = state.get("position")
         if not isinstance(position, dict) or not isinstance(position.get("batch"), int) or position["batch"] < 0:
-            raise DataError(
-                f"the data position in the checkpoint is malformed ({position!r}); resume from another checkpoint"
-            )
+            raise malformed_position(position)
         self._next = position["batch"]
 
     def _identity(self) -> dict[str, Any]:

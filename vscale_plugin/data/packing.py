@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vscale_plugin.data.errors import DataError
+from vscale_plugin.data.errors import DataError, check_same_stream, check_stream, malformed_position
 from vscale_plugin.data.sources import Source, Split, open_dataset
 from vscale_plugin.data.tokenizer import Tokenizer
 
@@ -99,10 +99,7 @@ class PackedBatches:
     ) -> None:
         if seq_len < 1 or micro_batch < 1:
             raise DataError(f"seq_len {seq_len} and micro_batch {micro_batch} must both be at least 1")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}; launch through deepspeed or torchrun")
-        if split not in ("train", "eval"):
-            raise DataError(f"split {split!r} is unknown; use 'train' or 'eval'")
+        check_stream(rank, world_size, split)
         if eval_docs < 1:
             raise DataError(f"eval_docs {eval_docs} must be at least 1")
         self.dataset = dataset
@@ -164,16 +161,7 @@ class PackedBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next batches are those that followed it in the run that saved it."""
-        expected = self._identity()
-        saved = {key: state.get(key) for key in expected}
-        if saved != expected:
-            differences = ", ".join(
-                f"{k}={saved[k]!r} (now {expected[k]!r})" for k in expected if saved[k] != expected[k]
-            )
-            raise DataError(
-                f"the data position in the checkpoint belongs to another stream: {differences}; resume with the "
-                "same dataset, tokenizer, seed and number of ranks"
-            )
+        check_same_stream(state, self._identity(), "the same dataset, tokenizer, seed and number of ranks")
         position = state.get("position")
         names = {f.name for f in fields(_Position)}
         if (
@@ -181,9 +169,7 @@ class PackedBatches:
             or set(position) != names
             or not all(isinstance(v, int) and v >= 0 for v in position.values())
         ):
-            raise DataError(
-                f"the data position in the checkpoint is malformed ({position!r}); resume from another checkpoint"
-            )
+            raise malformed_position(position)
         self._position = _Position(**position)
 
     def _identity(self) -> dict[str, Any]:
