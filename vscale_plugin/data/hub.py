@@ -8,6 +8,7 @@ before it fails or falls back to the local cache. Asking first lets a run load w
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 # A hub that does not answer within this is treated as unreachable: long enough for a slow link, short next to the
 # ~50 s of retries it replaces.
@@ -21,6 +22,13 @@ def hub_unreachable() -> str | None:
     if huggingface_hub.is_offline_mode():
         return "HF_HUB_OFFLINE is set"
     return _probe(huggingface_hub.constants.ENDPOINT)
+
+
+def offline_for(name: str) -> str | None:
+    """Why ``name`` (a model or tokenizer) must come from the local Hugging Face cache alone (pass
+    ``local_files_only=offline_for(name) is not None``): None for a local path, which downloads nothing, or when the
+    hub answers; else why the hub cannot be used."""
+    return None if Path(name).expanduser().exists() else hub_unreachable()
 
 
 @functools.cache

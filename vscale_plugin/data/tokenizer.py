@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vscale_plugin.data.errors import DataError
-from vscale_plugin.data.hub import hub_unreachable
+from vscale_plugin.data.hub import offline_for
 from vscale_plugin.data.sources import smoke_documents
 
 PAPER_TOKENIZER = "gpt2"
@@ -124,7 +124,7 @@ def _hugging_face(spec: str, label: str) -> Tokenizer:
             "tokenizer name (e.g. gpt2) or a SentencePiece .model file"
         )
     # A hub name with the hub out of reach: the local cache only, which answers at once instead of after retries.
-    offline = None if local.exists() else hub_unreachable()
+    offline = offline_for(spec)
     try:
         hf = AutoTokenizer.from_pretrained(str(local) if local.exists() else spec, local_files_only=offline is not None)
     except (OSError, ValueError) as err:

@@ -49,11 +49,11 @@ def check_model_config(
     ``hint`` is appended to the errors about the architecture (e.g. how to do without V-scale)."""
     from transformers import AutoConfig
 
-    from vscale_plugin.data.hub import hub_unreachable
+    from vscale_plugin.data.hub import offline_for
     from vscale_plugin.hf.registry import architecture_of
 
     path = Path(name).expanduser()
-    offline = None if path.exists() else hub_unreachable()
+    offline = offline_for(name)
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else name, local_files_only=offline is not None)
     except (OSError, ValueError) as err:

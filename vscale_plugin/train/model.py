@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 import vscale_plugin
 from vscale_plugin.data import DataError, Tokenizer
-from vscale_plugin.data.hub import hub_unreachable
+from vscale_plugin.data.hub import offline_for
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import llama_config
 
@@ -28,7 +27,9 @@ def check_vocabulary(config: RunConfig, tokenizer: Tokenizer) -> None:
     if config.init_from is not None:
         from transformers import AutoConfig
 
-        vocab = AutoConfig.from_pretrained(config.init_from, local_files_only=_hub_unreachable(config)).vocab_size
+        vocab = AutoConfig.from_pretrained(
+            config.init_from, local_files_only=offline_for(config.init_from) is not None
+        ).vocab_size
         if tokenizer.vocab_size > vocab:
             raise DataError(
                 f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but {config.init_from} has "
@@ -42,11 +43,6 @@ def check_vocabulary(config: RunConfig, tokenizer: Tokenizer) -> None:
             f"a {recipe.vocab_size}-token vocabulary; use a tokenizer with at most {recipe.vocab_size} (the paper's: "
             "gpt2)"
         )
-
-
-def _hub_unreachable(config: RunConfig) -> bool:
-    """Load a hub --init_from from the local cache alone when the hub cannot be reached (at once, no retries)."""
-    return not Path(config.init_from).exists() and hub_unreachable() is not None
 
 
 def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
@@ -66,7 +62,7 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
             config.init_from,
             attn_implementation=config.attn_implementation,
             dtype=dtype,
-            local_files_only=_hub_unreachable(config),
+            local_files_only=offline_for(config.init_from) is not None,
         )
     else:
         vocab = recipe.vocab_size or tokenizer.vocab_size
