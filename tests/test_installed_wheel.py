@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from vscale_plugin.testing.distributed import free_port
+from vscale_plugin.testing.distributed import free_port, without_launcher_vars
 from vscale_plugin.train.mlflow_run import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 # Variables of an enclosing launcher that would make a child join a process group that does not exist.
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.distributed]
 
@@ -85,7 +84,7 @@ def installed(tmp_path_factory) -> dict:
     venv = _fresh_venv(root, _build_wheel(root))
     work = root / "work"  # not the checkout: nothing is found relative to it
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARS, "PYTHONPATH")}
+    env = without_launcher_vars(os.environ, "PYTHONPATH")
     # The new environment's commands first; then the test environment's tools (ninja for DeepSpeed's CPU ops).
     env["PATH"] = os.pathsep.join([str(venv / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(VIRTUAL_ENV=str(venv), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from vscale_plugin.testing.distributed import deepspeed_executable, free_port
+from vscale_plugin.testing.distributed import deepspeed_executable, free_port, without_launcher_vars
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
 ZERO2 = REPO / "ds_configs" / "zero2.json"
 TIMEOUT_S = 120
 # Variables of an enclosing launcher that would make the child join a process group that does not exist.
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env = without_launcher_vars(os.environ)
     # The venv's tools (ninja for DeepSpeed's JIT-built CPU ops) first, as the Makefile does.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
@@ -237,7 +236,7 @@ def test_exit_after_distributed_keeps_the_code_and_runs_atexit_handlers(tmp_path
         "exit_after_distributed(3)\n"
         "print('not reached')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env = without_launcher_vars(os.environ)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)  # fmt: skip
     assert proc.returncode == 3, _describe(proc)

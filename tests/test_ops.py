@@ -9,6 +9,7 @@ import time
 import pytest
 
 from vscale_plugin.launch import ops
+from vscale_plugin.testing.distributed import without_launcher_vars
 
 # A one-rank process group, as every launcher starts it: DeepSpeed builds its CPU shared-memory all-reduce op then.
 _START = (
@@ -16,7 +17,6 @@ _START = (
     "with distributed() as (rank, world_size):\n"
     "    print('process group of', world_size)\n"
 )
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _start(env, timeout):
@@ -26,7 +26,7 @@ def _start(env, timeout):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_process_group(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env = without_launcher_vars(os.environ)
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "extensions")
     built = _start(env, timeout=900)  # builds the op into the empty directory
     assert built.returncode == 0, built.stderr[-3000:]

@@ -19,14 +19,13 @@ import pytest
 from mlflow import MlflowClient
 
 from vscale_plugin.testing import metric_history
-from vscale_plugin.testing.distributed import deepspeed_executable, free_port, run_deepspeed
+from vscale_plugin.testing.distributed import deepspeed_executable, free_port, run_deepspeed, without_launcher_vars
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
 ZERO2 = REPO / "ds_configs" / "zero2.json"
 # Long enough that a signal sent after the first checkpoint (step 2) always lands mid-run.
 COMMON = ("--max_steps", "200", "--seed", "3", "--experiment", "stop", "--save_every", "2")
-_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
@@ -38,7 +37,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env = without_launcher_vars(os.environ)
     env.update(
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         HF_HUB_OFFLINE="1",

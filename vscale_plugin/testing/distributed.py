@@ -18,6 +18,17 @@ _TAIL_CHARS = 6000
 _GRACE_S = 15
 
 
+# What a distributed launcher sets for its ranks; a test that starts a launcher itself removes them first, so that
+# the run does not think it is one rank of the test's own job.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_launcher_vars(env: Mapping[str, str], *also: str) -> dict[str, str]:
+    """``env`` without :data:`LAUNCHER_VARS` (and the names in ``also``)."""
+    drop = {*LAUNCHER_VARS, *also}
+    return {k: v for k, v in env.items() if k not in drop}
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it, so parallel runs do not collide)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
