@@ -144,11 +144,11 @@ def _recorded_run(model: str) -> dict[str, Any]:
 
 def _defaults_from_run(args: argparse.Namespace) -> None:
     """--dataset and --seq_len left out: a training checkpoint's own (its data, its context), else smoke and 512."""
-    settings = _recorded_run(args.model).get("settings", {}) if _is_training_checkpoint(args.model) else {}
+    recorded = _recorded_run(args.model) if _is_training_checkpoint(args.model) else {}
     if args.dataset is None:
-        args.dataset = _recorded_run(args.model)["dataset"] if _is_training_checkpoint(args.model) else "smoke"
+        args.dataset = recorded.get("dataset", "smoke")
     if args.seq_len is None:
-        args.seq_len = settings.get("seq_len", 512)
+        args.seq_len = recorded.get("settings", {}).get("seq_len", 512)
 
 
 def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, Any]:
