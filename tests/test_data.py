@@ -158,15 +158,29 @@ def test_sentencepiece_model_file_is_a_tokenizer_spec(tok, tok_cache):
     assert sentencepiece.SentencePieceProcessor(model_file=str(model)).bos_id() == -1, "the smoke model has no BOS"
 
 
+def test_decode_inverts_encode_and_drops_eos(tok, hf_dir_with_bos, tmp_path):
+    text = "The needle is 4711203 and b8a3e9f2-1c4d."
+    hf = build_tokenizer(str(hf_dir_with_bos), "smoke", tmp_path)
+    for tokenizer in (tok, hf):
+        assert tokenizer.has_text
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode([*ids, tokenizer.eos_id]) == text
+    synthetic = build_tokenizer(None, "bigram_backcopy", tmp_path)
+    assert not synthetic.has_text
+    with pytest.raises(DataError, match="has no text"):
+        synthetic.decode([1, 2])
+
+
 @pytest.fixture(scope="session")
 def hf_dir_with_bos(tmp_path_factory) -> Path:
     """A local Hugging Face tokenizer that adds BOS by default, as Llama's does."""
     from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import models, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(
         smoke_documents()[:20], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
     )

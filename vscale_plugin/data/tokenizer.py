@@ -40,10 +40,16 @@ _SMOKE_TRAINING = {
 
 
 class Tokenizer:
-    """Text to token ids, with the facts the packer and the model need: ``vocab_size`` and ``eos_id``."""
+    """Text to token ids, with the facts the packer and the model need: ``vocab_size`` and ``eos_id``; and back
+    (``decode``, for generated answers and bytes per token), where the tokenizer has text at all."""
 
     def __init__(
-        self, name: str, vocab_size: int, eos_id: int, encode_batch: Callable[[list[str]], list[list[int]]]
+        self,
+        name: str,
+        vocab_size: int,
+        eos_id: int,
+        encode_batch: Callable[[list[str]], list[list[int]]],
+        decode: Callable[[list[int]], str] | None = None,
     ) -> None:
         if not 0 <= eos_id < vocab_size:
             raise DataError(
@@ -54,6 +60,7 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self._encode_batch = encode_batch
+        self._decode = decode
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS or EOS."""
@@ -62,6 +69,17 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode` for many texts in one call, which both backends run much faster than one by one."""
         return self._encode_batch(list(texts))
+
+    @property
+    def has_text(self) -> bool:
+        """False for a tokenizer of a synthetic vocabulary (bigram_backcopy), which has no text to decode to."""
+        return self._decode is not None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; special tokens (EOS) decode to nothing."""
+        if self._decode is None:
+            raise DataError(f"tokenizer {self.name} has no text: its tokens decode to nothing")
+        return self._decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -111,7 +129,10 @@ def _sentencepiece(path: Path, name: str | None = None) -> Tokenizer:
         # add_bos/add_eos default to False here, whatever options the model was trained with.
         return processor.encode(texts, out_type=int, add_bos=False, add_eos=False)
 
-    return Tokenizer(name or path.name, processor.get_piece_size(), processor.eos_id(), encode_batch)
+    def decode(ids: list[int]) -> str:
+        return processor.decode(ids)
+
+    return Tokenizer(name or path.name, processor.get_piece_size(), processor.eos_id(), encode_batch, decode)
 
 
 def _hugging_face(spec: str, label: str) -> Tokenizer:
@@ -143,7 +164,10 @@ def _hugging_face(spec: str, label: str) -> Tokenizer:
         # longer than model_max_length are expected here, since packing cuts them into windows.
         return hf(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
-    return Tokenizer(spec, len(hf), hf.eos_token_id, encode_batch)
+    def decode(ids: list[int]) -> str:
+        return hf.decode(ids, skip_special_tokens=True)
+
+    return Tokenizer(spec, len(hf), hf.eos_token_id, encode_batch, decode)
 
 
 def _smoke_tokenizer(cache_dir: Path) -> Tokenizer:
