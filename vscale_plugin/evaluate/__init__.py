@@ -1,0 +1,1 @@
+"""Downstream evaluation (SPEC section 7)."""
