@@ -13,7 +13,14 @@ interleaved, partial, none on NoPE layers), score scaling, soft-capping, causal 
 V-scale, the residual arithmetic and the logits are this module's own code. The MLP alone (dense, GLM's fused
 gate_up, StarCoder2's c_fc/c_proj, and the mixture-of-experts blocks with their routers) is a black box: a float64
 copy of the model's own ``mlp`` submodule, called with this module's float64 parameter leaves. No statistic depends on
-its inside: only its input h̃_half, its output and the gradient of all its parameters (``grad/mlp``) are used.
+its inside: only its input h̃_half, its output and the gradient of all its parameters (``grad/mlp``) are used, and,
+for the ``qr/`` statistics of a dense MLP, the input of its down projection, taken by this module's own hook on the
+copy.
+
+Quantisation readiness (``qr/``, SPEC section 4) is computed from the traced tensors in float64 (h_out, h̃, the
+attention output before o_proj, h̃_half, the down projection's input), over the real tokens of the whole batch: one
+batch is one forward call. :func:`quant_readiness_terms` gives the terms that several calls combine by
+(:func:`combine_quant_readiness`): kurtosis per token, the other two per call.
 
 Padding (SPEC section 2): the real tokens of each row form that row's own sequence, which runs alone, from position
 0, with no padding anywhere in the reference (rows of equal length run together as one batch, a :class:`Run`). The
@@ -77,17 +84,21 @@ class Arch:
     # Sandwich norms: (norm after attention, MLP input norm, norm after the MLP); None: Llama's
     # (-, post_attention_layernorm, -).
     sandwich: tuple[str, str, str] | None = None
+    # The MLP's linears with a qr/int8_error key, and the name of its down projection inside the MLP: none in a
+    # mixture of experts (no single down projection sees every token); StarCoder2's c_fc is an ungated up projection.
+    mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    down_proj: str | None = "down_proj"
 
 
 ARCHS: dict[str, Arch] = {
     "llama": Arch(),
     "mistral": Arch(sliding="global"),  # MistralModel: sliding-window mask whenever config.sliding_window is set
     "ministral": Arch(sliding="per_layer"),
-    "mixtral": Arch(sliding="global"),
+    "mixtral": Arch(sliding="global", mlp_linears=(), down_proj=None),
     "qwen2": Arch(sliding="per_layer"),  # q/k/v biases: read from the state dict like every bias
-    "qwen2_moe": Arch(sliding="per_layer"),
+    "qwen2_moe": Arch(sliding="per_layer", mlp_linears=(), down_proj=None),
     "qwen3": Arch(qk_norm=True, sliding="per_layer"),
-    "qwen3_moe": Arch(qk_norm=True, sliding="global"),
+    "qwen3_moe": Arch(qk_norm=True, sliding="global", mlp_linears=(), down_proj=None),
     "gemma": Arch(norm="rms_1p", embed_scale="sqrt_hidden"),
     "gemma2": Arch(
         norm="rms_1p",
@@ -104,7 +115,7 @@ ARCHS: dict[str, Arch] = {
         partial_rotary=True,
         sandwich=("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
     ),
-    "starcoder2": Arch(norm="layer", sliding="global"),
+    "starcoder2": Arch(norm="layer", sliding="global", mlp_linears=("up_proj", "down_proj"), down_proj="c_proj"),
     "smollm3": Arch(nope=True, sliding="per_layer"),
     "helium": Arch(rope="interleaved"),
 }
@@ -199,6 +210,7 @@ class LayerTrace:
     h_tilde_half: torch.Tensor  # MLP input norm output
     r_mlp: torch.Tensor  # what the MLP branch adds to the residual stream
     h_out: torch.Tensor  # h_half + r_mlp
+    down_in: torch.Tensor | None = None  # the MLP's down projection input (its intermediate activation), dense MLPs
 
     def retained(self) -> list[torch.Tensor]:
         return [
@@ -306,8 +318,9 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
     return rows
 
 
-def _mlp_black_boxes(model, weights: dict[str, torch.Tensor], layers: int) -> list[Callable]:
-    """A float64 copy of each layer's own ``mlp`` module, called with the float64 parameter leaves."""
+def _mlp_black_boxes(model, weights: dict[str, torch.Tensor], layers: int, down: str | None) -> list[Callable]:
+    """A float64 copy of each layer's own ``mlp`` module, called with the float64 parameter leaves; each call returns
+    (output, the input of its submodule ``down``, None without one)."""
     boxes = []
     for i, layer in enumerate(model.model.layers[:layers]):
         module = copy.deepcopy(layer.mlp).double()
@@ -317,7 +330,15 @@ def _mlp_black_boxes(model, weights: dict[str, torch.Tensor], layers: int) -> li
                 config._experts_implementation = "eager"  # the grouped-mm kernel has no float64
         prefix = f"model.layers.{i}.mlp."
         params = {n[len(prefix) :]: p for n, p in weights.items() if n.startswith(prefix)}
-        boxes.append(lambda x, module=module, params=params: functional_call(module, params, (x,)))
+        seen: list[torch.Tensor] = []
+        if down is not None:
+            module.get_submodule(down).register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+
+        def box(x, module=module, params=params, seen=seen):
+            seen.clear()
+            return functional_call(module, params, (x,)), (seen[0].detach() if seen else None)
+
+        boxes.append(box)
     return boxes
 
 
@@ -368,7 +389,7 @@ def _layer(
     r_attn = o * s.residual_multiplier if s.arch.granite else o  # SPEC 2: what the branch adds
     h_half = h_in + r_attn  # SPEC 2: h_half = h_in + r_attn
     x2 = _norm(s, h_half, w, p + (sandwich[1] if sandwich else "post_attention_layernorm"))  # h̃_half
-    m = mlp(x2)
+    m, down_in = mlp(x2)
     if sandwich is not None:
         m = _norm(s, m, w, p + sandwich[2])
     r_mlp = m * s.residual_multiplier if s.arch.granite else m * 1.0  # distinct from the black box's output
@@ -389,6 +410,7 @@ def _layer(
         h_tilde_half=x2,
         r_mlp=r_mlp,
         h_out=h_out,
+        down_in=down_in,
     )
 
 
@@ -440,7 +462,7 @@ def run_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         vscale_mode=vs and vs["mode"],
         lambdas=None if lambdas is None else [lam.detach() for lam in lambdas],
     )
-    mlps = _mlp_black_boxes(model, weights, shapes.layers)
+    mlps = _mlp_black_boxes(model, weights, shapes.layers, settings.arch.down_proj)
     ce_sum = torch.zeros((), dtype=torch.float64)
     for run in runs:
         ids = run.input_ids
@@ -621,6 +643,82 @@ def _module_grads(trace: Trace, prefix: str) -> list[torch.Tensor | None]:
     return [w.grad for n, w in trace.weights.items() if n.startswith(prefix + ".")]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Quantisation readiness (qr/)
+
+QR_SHAPE = ("kurtosis", "max_over_median")
+QR_POINTS = ("h_out", "down_proj_in")
+QR_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def kurtosis_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Pearson kurtosis m4 / m2^2 over the last dimension, with the population central moments, of every token that
+    has one (a constant token, m2 = 0, has none: an all-zero embedding row gives one)."""
+    d = x - x.mean(-1, keepdim=True)
+    m2 = (d**2).mean(-1)
+    return ((d**4).mean(-1) / m2**2)[m2 > 0]
+
+
+def max_over_median(x: torch.Tensor) -> float:
+    """max |x| / median |x| of the whole tensor; the median of an even count is the lower of the two middle values."""
+    a = x.abs().flatten().sort().values
+    return (a[-1] / a[(a.numel() - 1) // 2]).item()
+
+
+def int8_error(x: torch.Tensor) -> float:
+    """||x - q(x)|| / ||x||, q(x) = s clamp(round(x / s), -128, 127), s = max |x| / 127."""
+    s = x.abs().max() / 127
+    q = s * torch.clamp(torch.round(x / s), -128, 127)
+    return ((x - q).norm() / x.norm()).item()
+
+
+def qr_inputs(trace: Trace, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's tensors the qr/ statistics read, (real tokens of the whole batch, features) float64: h_out, the
+    inputs of each linear, the down projection's input (dense MLPs)."""
+
+    def tokens(get: Callable[[LayerTrace], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([get(run.layers[i]).detach().flatten(0, 1) for run in trace.runs])
+
+    h_tilde = tokens(lambda layer: layer.h_tilde)
+    out = {
+        "h_out": tokens(lambda layer: layer.h_out),
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), h_tilde),
+        "o_proj": tokens(lambda layer: layer.y_heads.transpose(1, 2).flatten(2)),
+    }
+    arch = trace.settings.arch
+    if arch.down_proj is not None:  # a dense MLP: gate / up read h̃_half, down its intermediate activation
+        h_tilde_half = tokens(lambda layer: layer.h_tilde_half)
+        out.update({linear: h_tilde_half for linear in arch.mlp_linears})
+        out["down_proj"] = out["down_proj_in"] = tokens(lambda layer: layer.down_in)
+    return out
+
+
+def quant_readiness_terms(trace: Trace) -> dict[str, tuple[float, float]]:
+    """Every qr/ key of one forward call (this trace's batch) as (sum, count): kurtosis summed over the real tokens,
+    max_over_median and int8_error one term for the call."""
+    terms: dict[str, tuple[float, float]] = {}
+    for i in range(trace.shapes.layers):
+        tag = f"L{i:02d}"
+        x = qr_inputs(trace, i)
+        for point in QR_POINTS:
+            if point in x:
+                k = kurtosis_per_token(x[point])
+                terms[f"qr/kurtosis/{point}/{tag}"] = (k.sum().item(), float(k.numel()))
+                terms[f"qr/max_over_median/{point}/{tag}"] = (max_over_median(x[point]), 1.0)
+        for linear in (*QR_ATTENTION, *trace.settings.arch.mlp_linears):
+            terms[f"qr/int8_error/{linear}/{tag}"] = (int8_error(x[linear]), 1.0)
+    return terms
+
+
+def combine_quant_readiness(calls: Sequence[dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """The qr/ metrics of several forward calls (micro-batches, ranks): each key's summed terms over its summed
+    counts, and the max over layers of each family."""
+    out = {key: sum(c[key][0] for c in calls) / sum(c[key][1] for c in calls) for key in calls[0]}
+    for family in {key.rsplit("/", 1)[0] for key in list(out)}:
+        out[f"{family}/max"] = max(v for key, v in out.items() if key.rsplit("/", 1)[0] == family)
+    return out
+
+
 def metrics_from_trace(trace: Trace) -> dict[str, float]:
     s = trace.shapes
     if min(trace.lengths) <= T_E:
@@ -687,6 +785,7 @@ def metrics_from_trace(trace: Trace) -> dict[str, float]:
     out["as/sink_rate/mean"] = statistics.fmean(out[f"as/sink_rate/L{i:02d}"] for i in every_layer)
     out["ma/h_out/tok0/max"] = max(out[f"ma/h_out/tok0/L{i:02d}"] for i in every_layer)
     out["ma/mlp_out/tok0/max"] = max(out[f"ma/mlp_out/tok0/L{i:02d}"] for i in every_layer)
+    out.update(combine_quant_readiness([quant_readiness_terms(trace)]))  # one batch: one forward call
     return out
 
 
@@ -701,11 +800,21 @@ def reference_metrics(
     return metrics_from_trace(trace)
 
 
-def expected_keys(num_layers: int, kv_heads: int, vscale_mode: str | None) -> set[str]:
+def qr_keys(model_type: str, tag: str) -> set[str]:
+    """The qr/ keys of one layer (``tag``: ``L03``, or ``max`` for the summaries) of an architecture."""
+    linears = ARCHS[model_type].mlp_linears
+    points = QR_POINTS if "down_proj" in linears else QR_POINTS[:1]
+    keys = {f"qr/{stat}/{point}/{tag}" for stat in QR_SHAPE for point in points}
+    return keys | {f"qr/int8_error/{linear}/{tag}" for linear in (*QR_ATTENTION, *linears)}
+
+
+def expected_keys(num_layers: int, kv_heads: int, vscale_mode: str | None, model_type: str = "llama") -> set[str]:
     """The SPEC section 4 key set of ``measure`` for a model of this shape, written out independently."""
     keys = {"gs/ratio/median", "as/sink_rate/mean", "ma/h_out/tok0/max", "ma/mlp_out/tok0/max"}
+    keys |= qr_keys(model_type, "max")
     for i in range(num_layers):
         tag = f"L{i:02d}"
+        keys |= qr_keys(model_type, tag)
         keys |= {f"as/{m}/{tag}" for m in ("sink_rate", "mass", "mass_sq")}
         keys |= {f"ma/{a}/{w}/{tag}" for a in ACTIVATIONS for w in ("tok0", "rest")}
         keys.add(f"gs/ratio/{tag}")

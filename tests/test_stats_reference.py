@@ -260,8 +260,9 @@ def test_reference_keys_follow_spec():
         model, ids = _build("llama", 2, mode, False)
         ref = sr.reference_metrics(model, ids)
         assert set(ref) == sr.expected_keys(2, 2, None if mode == "off" else mode)
-        per_layer = 3 + 12 + 1 + 8 + 12 + 5
-        assert len(ref) == 2 * per_layer + 4 + n_vscale
+        qr = 2 + 2 + 7  # qr/{kurtosis,max_over_median}/{h_out,down_proj_in}, qr/int8_error of the 7 linears
+        per_layer = 3 + 12 + 1 + 8 + 12 + 5 + qr
+        assert len(ref) == 2 * per_layer + 4 + qr + n_vscale
         assert all(math.isfinite(v) for v in ref.values())
         if mode == "off":
             assert not any(k.startswith("vscale/") or k.startswith("grad/vscale") for k in ref)
@@ -422,7 +423,7 @@ def test_measure_matches_reference(model_type, kv, mode, sinks):
     if sinks:
         assert ref["as/sink_rate/mean"] > 0  # the sink statistics are not compared at a trivial 0
     got = vsp.measure(model, ids)
-    assert set(ref) == sr.expected_keys(3 if sinks else 2, kv, None if mode == "off" else mode)
+    assert set(ref) == sr.expected_keys(3 if sinks else 2, kv, None if mode == "off" else mode, model_type)
     _assert_matches_reference(got, ref)
 
 
@@ -431,7 +432,7 @@ def test_measure_matches_reference_every_architecture(model_type, mode, sinks, a
     model = _model(model_type, 2, mode, sinks=sinks, layers=3 if sinks else 2, attn=attn)
     ids = _case_ids(sinks)
     ref = sr.reference_metrics(model, ids)
-    assert set(ref) == sr.expected_keys(3 if sinks else 2, 2, None if mode == "off" else mode)
+    assert set(ref) == sr.expected_keys(3 if sinks else 2, 2, None if mode == "off" else mode, model_type)
     if sinks:
         assert ref["as/sink_rate/mean"] > 0
     got = vsp.measure(model, ids)
@@ -445,7 +446,7 @@ def test_measure_padded_batch_matches_reference(model_type, side, attn):
     model = _model(model_type, 2, "learned", sinks=True, layers=3, attn=attn)
     ids, mask = _padded(side)
     ref = sr.reference_metrics(model, ids, mask)
-    assert set(ref) == sr.expected_keys(3, 2, "learned")
+    assert set(ref) == sr.expected_keys(3, 2, "learned", model_type)
     assert ref["as/sink_rate/mean"] > 0
     got = vsp.measure(model, ids, attention_mask=mask)
     _assert_matches_reference(got, ref)

@@ -7,6 +7,10 @@ inputs record the gradient of every position < 64, summed over the sequences of 
 micro-batches, then the mean over data-parallel ranks, give exactly the optimiser's combination of the gradient; norms
 come last (:mod:`vscale_plugin.stats.metrics`). Positions are counted from each sequence's first real token
 (``attention_mask``), and pads enter nothing (:mod:`vscale_plugin.stats.positions`).
+
+With ``quant_readiness`` (the default), forward hooks on h_out and on the inputs of the layer's linears also record the
+``qr/`` statistics (:mod:`vscale_plugin.stats.quant_readiness`): kurtosis exact over every real token of the step,
+max_over_median and int8_error per forward call (one micro-batch on one rank) and averaged over the step's calls.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from vscale_plugin.hf.registry import LayerParts, layer_parts
 from vscale_plugin.ops.vscale import VScale, phi
 from vscale_plugin.stats import metrics
+from vscale_plugin.stats import quant_readiness as qr
 from vscale_plugin.stats.metrics import FORWARD_POINTS, GRAD_POINTS, PROFILE, REST
 from vscale_plugin.stats.positions import Rows
 from vscale_plugin.stats.rotary import kernel_queries_keys
@@ -76,11 +81,14 @@ class StatsCollector:
     ``model_or_engine``: a Hugging Face decoder, the same wrapped in DistributedDataParallel, or a DeepSpeed engine.
     With an engine, parameter gradients are read through ``deepspeed.utils.safe_get_full_grad`` right after the
     boundary micro-batch's backward (before clipping and the optimiser step), identical under ZeRO 0-3.
-    ``distributed=False`` keeps the statistics of this process only. Architectures without statistics (see the
-    registry) are refused here, with the reason.
+    ``distributed=False`` keeps the statistics of this process only. ``quant_readiness=False`` leaves out the ``qr/``
+    statistics (and their hooks). Architectures without statistics (see the registry) are refused here, with the
+    reason.
     """
 
-    def __init__(self, model_or_engine: Any, every: int = 100, distributed: bool = True) -> None:
+    def __init__(
+        self, model_or_engine: Any, every: int = 100, distributed: bool = True, quant_readiness: bool = True
+    ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: the collector runs every N >= 1 optimiser steps")
         self.target = model_or_engine
@@ -88,6 +96,7 @@ class StatsCollector:
         self.layers = layer_parts(self.model)
         self.every = every
         self.distributed = distributed
+        self._taps = [qr.taps(parts) if quant_readiness else [] for parts in self.layers]
         self._result: dict[str, float] = {}
         self._profiles: dict[str, Any] = {}
         self._warned = False
@@ -163,6 +172,11 @@ class StatsCollector:
             vscale = getattr(parts.attention, "vscale", None)
             if isinstance(vscale, VScale):
                 handles.append(vscale.register_forward_hook(partial(self._phi, i)))
+            for tap in self._taps[i]:
+                if tap.output:
+                    handles.append(tap.module.register_forward_hook(partial(self._tap_out, i, tap)))
+                else:
+                    handles.append(tap.module.register_forward_pre_hook(partial(self._tap_in, i, tap)))
         return handles
 
     def _model_inputs(self, module, args, kwargs) -> None:
@@ -267,6 +281,25 @@ class StatsCollector:
             column = sink_column(q, k, parts.scaling, self._rows, parts.sliding_window, parts.softcap)
             self._add(i, "sinks", sink_sums(column, self._rows).cpu())
 
+    def _tap_in(self, i: int, tap: qr.Tap, module, args) -> None:
+        self._quant_readiness(i, tap, args[0])
+
+    def _tap_out(self, i: int, tap: qr.Tap, module, args, output) -> None:
+        self._quant_readiness(i, tap, _first_tensor(output))
+
+    def _quant_readiness(self, i: int, tap: qr.Tap, x: torch.Tensor) -> None:
+        if _in_backward():
+            return
+        with torch.no_grad():
+            x = qr.real_tokens(x, self._rows.mask(x.shape[1]) if self._rows.padded else None)
+            if tap.point is not None:
+                self._add(i, f"qr/kurtosis/{tap.point}", qr.kurtosis_sum(x))
+                self._add(i, f"qr/max_over_median/{tap.point}", qr.max_over_median(x))
+            if tap.linears:
+                error = qr.int8_error(x)
+                for linear in tap.linears:  # q, k and v (gate and up) read one tensor
+                    self._add(i, f"qr/int8_error/{linear}", error)
+
     def _on_grad(self, i: int, point: str, rows: Rows, grad: torch.Tensor) -> None:
         g = rows.align(grad.detach(), PROFILE).double().sum(0)  # summed over sequences, as autograd sums parameters'
         self._add(i, f"grad/{point}", _padded_to(g, PROFILE))
@@ -327,6 +360,8 @@ class StatsCollector:
             for point in FORWARD_POINTS:
                 sums.setdefault(f"fwd/{point}", torch.zeros(REST, dtype=torch.float64))
             sums.setdefault("sinks", torch.zeros(4, dtype=torch.float64))
+            for key in (key for tap in self._taps[i] for key in tap.entries()):
+                sums.setdefault(key, torch.zeros(2, dtype=torch.float64))
             if isinstance(getattr(self.layers[i].attention, "vscale", None), VScale):
                 sums.setdefault("phi", torch.zeros(REST, dtype=torch.float64))
             state.update({f"L{i:02d}/{key}": value for key, value in sums.items() if key != "lambda"})

@@ -83,6 +83,7 @@ def layer_metrics(tag: str, sums: dict[str, torch.Tensor], counts: torch.Tensor,
         _put(out, f"ma/{point}", tag, tok0_rest(sums[f"fwd/{point}"] / seen, positions))
     for name, value in sink_metrics(sums["sinks"]).items():
         out[f"as/{name}/{tag}"] = value
+    out.update(qr_metrics(tag, sums))
     if "phi" in sums:
         _put(out, "vscale/phi", tag, tok0_rest(sums["phi"] / seen, positions))
     g = {point: sums[f"grad/{point}"][:graded] / world for point in GRAD_POINTS}
@@ -107,6 +108,16 @@ def layer_metrics(tag: str, sums: dict[str, torch.Tensor], counts: torch.Tensor,
     return out
 
 
+def qr_metrics(tag: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The ``qr/`` metrics of layer ``tag`` from their [sum, count] pairs (:mod:`vscale_plugin.stats.quant_readiness`).
+
+    The combination over a step is in what was summed: for kurtosis one term per real token, so the mean is exact over
+    the step's tokens on every rank; for max_over_median and int8_error one term per forward call (a micro-batch on a
+    rank), so the mean is over the step's calls - a whole-tensor statistic of a bigger batch is not a function of its
+    parts' values. A count of 0 (no defined value anywhere) gives no key."""
+    return {f"{key}/{tag}": (s[0] / s[1]).item() for key, s in sums.items() if key.startswith("qr/") and s[1] > 0}
+
+
 def gradient_profile(sums: dict[str, torch.Tensor], counts: torch.Tensor, world: int) -> dict[str, list[float]] | None:
     """Per-position norms of g(h̃) and its three paths (positions 0..63), for the token-wise plots; None without a
     captured backward."""
@@ -116,7 +127,8 @@ def gradient_profile(sums: dict[str, torch.Tensor], counts: torch.Tensor, world:
 
 
 def summaries(out: dict[str, float], layers: int) -> dict[str, float]:
-    """The summaries over layers: median R_GS, mean sink rate, max token-0 norms of h_out and mlp_out."""
+    """The summaries over layers: median R_GS, mean sink rate, max token-0 norms of h_out and mlp_out, the max of
+    each qr/ family."""
 
     def over_layers(prefix: str) -> list[float]:
         return [out[f"{prefix}/L{i:02d}"] for i in range(layers) if f"{prefix}/L{i:02d}" in out]
@@ -129,4 +141,6 @@ def summaries(out: dict[str, float], layers: int) -> dict[str, float]:
     ratios = over_layers("gs/ratio")
     if ratios:
         result["gs/ratio/median"] = statistics.median(ratios)
+    for family in sorted({key.rsplit("/", 1)[0] for key in out if key.startswith("qr/")}):
+        result[f"{family}/max"] = max(over_layers(family))
     return result
