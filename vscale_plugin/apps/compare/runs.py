@@ -70,7 +70,7 @@ class RunData:
         return [self.latest.get(f"{prefix}/L{i:02d}") for i in range(layers)]
 
     def lambdas(self) -> list[list[float]] | None:
-        """lambda[layer][kv head] (`vscale/lambda/Lxx/Hh`), None for runs without learned/fixed V-scale metrics."""
+        """lambda[layer][kv head] (`vscale/lambda/Lxx/Hh`), None for runs without V-scale metrics (off)."""
         found = {}
         for key, value in self.latest.items():
             m = _LAMBDA_KEY.match(key)
@@ -234,8 +234,9 @@ def select_runs(
 
 
 def _mode_order(mode: str | None) -> tuple[int, str]:
-    order = {BASELINE: 0, "fixed": 1, "learned": 2}
-    return order.get(mode or "", 3), mode or ""
+    # The backward-only ablation after the V-scale it ablates; modes this table does not know come last, by name.
+    order = {BASELINE: 0, "fixed": 1, "learned": 2, "backward": 3}
+    return order.get(mode or "", 4), mode or ""
 
 
 def load_run(client: MlflowClient, run: Run) -> RunData:
