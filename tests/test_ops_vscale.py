@@ -7,7 +7,7 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.func import functional_call
 
-from vscale_plugin.ops import MODES, VScale, phi, vscale_constant, vscale_values
+from vscale_plugin.ops import MODES, VScale, backward_only_values, phi, vscale_constant, vscale_values
 
 
 def _scaled_to(r: float, d: int, seed: int = 0) -> torch.Tensor:
@@ -107,15 +107,98 @@ def test_zero_vector_with_vanishing_c_gives_zero_not_nan():
     assert torch.equal(out, torch.zeros(2, 4))
 
 
-def test_learned_module_owns_theta_fixed_module_keeps_it_frozen_at_zero():
+@pytest.mark.parametrize("frozen_mode", ["fixed", "backward"])
+def test_learned_module_owns_theta_fixed_and_backward_modules_keep_it_frozen_at_zero(frozen_mode):
     learned = VScale(num_kv_heads=3, head_dim=4, hidden_size=16, mode="learned")
-    fixed = VScale(num_kv_heads=3, head_dim=4, hidden_size=16, mode="fixed")
+    frozen = VScale(num_kv_heads=3, head_dim=4, hidden_size=16, mode=frozen_mode)
     assert [n for n, _ in learned.named_parameters()] == ["theta"]
-    assert list(fixed.parameters()) == []
-    assert set(fixed.state_dict()) == {"theta"} == set(learned.state_dict())
-    for m in (learned, fixed):
+    assert list(frozen.parameters()) == []
+    assert [n for n, _ in frozen.named_buffers()] == ["theta"]
+    assert set(frozen.state_dict()) == {"theta"} == set(learned.state_dict())
+    for m in (learned, frozen):
         assert torch.equal(m.theta, torch.zeros(3))
         torch.testing.assert_close(m.lam(), torch.ones(3))
+
+
+def test_modes_are_the_papers_three():
+    assert MODES == ("learned", "fixed", "backward")
+
+
+# Integer views of each float dtype: equal views mean equal bits (torch.equal would take -0.0 for +0.0).
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
+def _awkward_values(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """(2, 5, 3 * 8) values on the flat projection layout: ordinary, signed zeros, a zero head, tiny and huge norms."""
+    v = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    v[0, 0, :8] = 0.0  # a zero vector: phi = 0
+    v[0, 1, 3] = -0.0
+    v[0, 2, 8:16] *= 1e-3  # ||v||^2 << C: phi ~ r / C
+    v[1, 0, 16:] *= 1e3 if dtype == torch.float16 else 1e18  # phi -> 1; 1e18 overflows ||v||^2 in float32
+    return v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_backward_mode_returns_the_values_bit_for_bit(dtype):
+    m = VScale(num_kv_heads=3, head_dim=8, hidden_size=16, mode="backward").to(dtype)
+    v = _awkward_values(dtype).requires_grad_()
+    out = m(v)
+    assert out.dtype == dtype and out.shape == v.shape and out.requires_grad
+    assert torch.equal(out.detach().view(_BITS[dtype]), v.detach().view(_BITS[dtype]))  # -0.0 stays -0.0 too
+
+
+def _phi_v_vjp_float64(v: torch.Tensor, c: float, upstream: torch.Tensor) -> torch.Tensor:
+    """Written here from SPEC 1, independent of the module: the vector-Jacobian product of v -> phi*v in float64."""
+    v64 = v.detach().double().unflatten(-1, (-1, 8)).requires_grad_()
+    r = (v64 * v64).sum(-1, keepdim=True)
+    (grad,) = torch.autograd.grad(v64 * r / (r + c), v64, upstream.double().unflatten(-1, (-1, 8)))
+    return grad.flatten(-2)
+
+
+# The module computes in float32 (bfloat16 rounds its input gradient to 8 significant bits).
+_GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_mode_gradient_is_fixed_modes_phi_v_jacobian(dtype):
+    backward = VScale(num_kv_heads=3, head_dim=8, hidden_size=16, mode="backward").to(dtype)
+    fixed = VScale(num_kv_heads=3, head_dim=8, hidden_size=16, mode="fixed").to(dtype)
+    v = _awkward_values(dtype, seed=1)
+    v[1, 0, 16:] = v[1, 1, 16:]  # a float32-overflowing norm has no finite float64 Jacobian to compare with
+    upstream = torch.randn(v.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grads = {}
+    for name, m in (("backward", backward), ("fixed", fixed)):
+        x = v.clone().requires_grad_()
+        m(x).backward(upstream)
+        grads[name] = x.grad
+    assert grads["backward"].dtype == dtype
+    assert torch.equal(grads["backward"], grads["fixed"])  # the same float32 phi*v graph, differentiated alike
+    expected = _phi_v_vjp_float64(v, 16 * 8 * 0.02**2, upstream)  # C = d_model * d_head * sigma^2, lambda = 1
+    tol = _GRAD_TOLERANCE[dtype]
+    torch.testing.assert_close(grads["backward"].double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert (grads["backward"].double() - upstream.double()).abs().max() > 0.1  # not the identity's gradient
+
+
+def test_backward_only_values_follows_the_gradient_of_the_scaled_tensor_alone():
+    v = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    scaled = vscale_values(v, 2.0)
+    out = backward_only_values(v, scaled)
+    assert torch.equal(out, v)
+    jac = jacobian(lambda x: backward_only_values(x, vscale_values(x, 2.0)), v[0].detach())
+    torch.testing.assert_close(jac, jacobian(lambda x: vscale_values(x, 2.0), v[0].detach()), rtol=0, atol=0)
+
+
+def test_backward_mode_huge_values_stay_finite_forward_and_backward():
+    m = VScale(num_kv_heads=1, head_dim=8, hidden_size=16, mode="backward")
+    v = torch.full((2, 8), 1e20, requires_grad=True)  # ||v||^2 overflows float32
+    out = m(v)
+    out.sum().backward()
+    assert torch.equal(out, v.detach()) and torch.isfinite(v.grad).all()
 
 
 def test_module_applies_lambda_per_kv_head_on_the_flat_projection_layout():

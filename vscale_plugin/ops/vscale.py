@@ -1,4 +1,5 @@
-"""V-scale (arXiv 2603.17771; SPEC section 1): rescale every value vector by phi = r / (r + C).
+"""V-scale (arXiv 2603.17771; SPEC section 1): rescale every value vector by phi = r / (r + C), or, in the paper's
+backward-only ablation (mode "backward"), keep the values and give only the gradient phi*v's Jacobian.
 
 Pure PyTorch. The Hugging Face integration (``vscale_plugin.hf``) places :class:`VScale` right after
 ``v_proj``; nothing here knows about models, attention kernels or DeepSpeed.
@@ -11,7 +12,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-Mode = Literal["learned", "fixed"]
+# "learned" (the paper's choice) and "fixed" scale the values; "backward" is the paper's backward-only ablation.
+Mode = Literal["learned", "fixed", "backward"]
 # How VScale computes: vscale_values as is, or fused by torch.compile (ops/fused.py).
 Kernel = Literal["eager", "compiled"]
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -52,11 +54,24 @@ def vscale_values(v: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
     return (v32 * phi(r, c)).to(v.dtype)
 
 
+def backward_only_values(v: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    """v's own values, bit for bit, with the gradient of ``scaled`` = :func:`vscale_values` of v (mode "backward").
+
+    The forward pass is the baseline's and the backward pass has V-scale's Jacobian ``phi*I + 2C/(r+C)^2 v v^T``,
+    which is what the ablation isolates: the gradient valve without the rescaled values.
+    """
+    # v_hat = sg(v) + (phi*v - sg(phi*v))  (SPEC 1, backward-only ablation), written as a subtraction: phi*v is
+    # finite for finite v, so the difference is exactly +0 and v - (+0) keeps every bit of v, -0.0 included.
+    return v.detach() - (scaled.detach() - scaled)
+
+
 class VScale(nn.Module):
     """V-scale of one attention layer, acting on ``v_proj``'s output of shape ``(..., kv_heads * d_head)``.
 
     lambda = exp(theta), theta of shape ``(kv_heads,)`` initialised to 0. ``mode="learned"`` (the paper's choice)
-    trains theta as a parameter; ``mode="fixed"`` keeps it a buffer at 0 (lambda = 1).
+    trains theta as a parameter; ``mode="fixed"`` keeps it a buffer at 0 (lambda = 1). ``mode="backward"`` (the
+    paper's backward-only ablation) also keeps theta a buffer at 0 but returns v unchanged, bit for bit, while its
+    gradient is that of fixed mode's phi*v (:func:`backward_only_values`).
 
     ``kernel`` ("eager" or "compiled", see :data:`KERNELS`) only chooses how the same values are computed; it is a
     runtime choice, in neither the state dict nor the model config.
@@ -89,8 +104,8 @@ class VScale(nn.Module):
         if mode == "learned":
             self.theta = nn.Parameter(theta)
         else:
-            # A frozen theta = 0 keeps both modes' state dicts alike, so loading a fixed-mode checkpoint without
-            # the plugin is reported (an unexpected key) instead of silently dropping V-scale.
+            # A frozen theta = 0 keeps every mode's state dict alike, so loading a fixed- or backward-mode checkpoint
+            # without the plugin is reported (an unexpected key) instead of silently dropping V-scale.
             self.register_buffer("theta", theta)
 
     @property
@@ -119,8 +134,13 @@ class VScale(nn.Module):
         if self._kernel == "compiled":
             from vscale_plugin.ops.fused import compiled_vscale_values  # fused.py imports this module
 
-            return compiled_vscale_values(heads, self.constant()).flatten(-2)
-        return vscale_values(heads, self.constant()).flatten(-2)
+            scaled = compiled_vscale_values(heads, self.constant())
+        else:
+            scaled = vscale_values(heads, self.constant())
+        if self.mode == "backward":
+            # Either kernel's phi*v serves: only its gradient is used, so both kernels support this mode.
+            scaled = backward_only_values(heads, scaled)
+        return scaled.flatten(-2)
 
     def extra_repr(self) -> str:
         return (
