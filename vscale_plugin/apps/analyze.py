@@ -35,6 +35,7 @@ TABLE = (
     ("g_in 0", "gs/grad_in/tok0"),
     ("g_in rest", "gs/grad_in/rest"),
     ("g_v 0", "gs/v/tok0"),
+    ("kurt h_out", "qr/kurtosis/h_out"),  # quantisation readiness: outlier channels of the residual stream
 )
 
 
@@ -226,7 +227,8 @@ def format_table(metrics: dict[str, float], layers: int) -> str:
         f"median R_GS {_fmt(metrics.get('gs/ratio/median'))}, "
         f"mean sink rate {_fmt(metrics.get('as/sink_rate/mean'))}, "
         f"max token-0 |h_out| {_fmt(metrics.get('ma/h_out/tok0/max'))}, "
-        f"|mlp_out| {_fmt(metrics.get('ma/mlp_out/tok0/max'))}"
+        f"|mlp_out| {_fmt(metrics.get('ma/mlp_out/tok0/max'))}, "
+        f"max h_out kurtosis {_fmt(metrics.get('qr/kurtosis/h_out/max'))}"
     )
     return "\n".join([*lines, summary])
 
