@@ -211,6 +211,47 @@ def _value_norms(p: _Runs) -> Figure | None:
     return fig
 
 
+# Per-layer qr/ panels: (metric prefix, title). k_proj and v_proj read q_proj's input, up_proj gate_proj's, so their
+# INT8 errors are the same curves and are not drawn again.
+_QUANT_READINESS = (
+    ("qr/kurtosis/h_out", "kurtosis of h_out"),
+    ("qr/kurtosis/down_proj_in", "kurtosis of down_proj input"),
+    ("qr/max_over_median/h_out", "max/median |h_out|"),
+    ("qr/max_over_median/down_proj_in", "max/median |down_proj input|"),
+    ("qr/int8_error/q_proj", "INT8 error, q/k/v_proj input"),
+    ("qr/int8_error/o_proj", "INT8 error, o_proj input"),
+    ("qr/int8_error/gate_proj", "INT8 error, gate/up_proj input"),
+    ("qr/int8_error/down_proj", "INT8 error, down_proj input"),
+)
+
+
+@_figure(
+    "quant_readiness",
+    "Quantisation readiness per layer",
+    "`qr/kurtosis/*/Lxx` (per-token kurtosis over the hidden dimension, 3 for Gaussian features), "
+    "`qr/max_over_median/*/Lxx` (max |x| / median |x|) and `qr/int8_error/*/Lxx` (relative L2 error of per-tensor "
+    "symmetric INT8 fake-quantisation of each linear's input), at the last statistics step. Outlier channels "
+    "raise all three. A mixture-of-experts MLP has no MLP curves (no single down projection).",
+)
+def _quant_readiness(p: _Runs) -> Figure | None:
+    panels = [(key, title) for key, title in _QUANT_READINESS
+              if any(v is not None for run in p.with_layers for v in run.per_layer(key, p.layers))]  # fmt: skip
+    if not panels:
+        return None
+    ncols = min(4, len(panels))
+    fig, axes = _new_figure(ncols, math.ceil(len(panels) / ncols), width=3.6, height=2.8)
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        _plot_layers(ax, p.with_layers, p.colors, key, p.layers)
+        if "/kurtosis/" in key:
+            ax.axhline(3.0, color="#999999", linewidth=0.8, linestyle=":")  # Gaussian features
+        _scale_y(ax)
+        ax.set_title(title, fontsize=9)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    axes[0].legend(fontsize=6)
+    return fig
+
+
 @_figure("loss", "Loss curves", "`train/loss` (solid) and `eval/loss` (dashed) over optimiser steps.")
 def _loss(p: _Runs) -> Figure | None:
     if not any(run.history.get("train/loss") for run in p.runs):
