@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import vscale_plugin as vsp
 from tests import reference
 from vscale_plugin.hf.registry import REGISTRY, attention_layers
+from vscale_plugin.ops import MODES
 from vscale_plugin.testing.models import randomise_theta, tiny_config, tiny_model
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,12 +95,15 @@ def test_theta_has_one_entry_per_kv_head_and_original_keys_are_unchanged():
             assert p.shape == (2,) and torch.equal(p.detach(), torch.zeros(2)) and p.requires_grad
 
 
-def test_fixed_mode_adds_no_trainable_parameter():
+@pytest.mark.parametrize("mode", ["fixed", "backward"])
+def test_fixed_and_backward_modes_add_no_trainable_parameter(mode):
     model = tiny_model("llama")
     n = sum(1 for _ in model.parameters())
-    vsp.apply_vscale(model, mode="fixed")
+    vsp.apply_vscale(model, mode=mode)
     assert sum(1 for _ in model.parameters()) == n
-    assert model.config.vscale == {"mode": "fixed", "sigma": 0.02}
+    assert model.config.vscale == {"mode": mode, "sigma": 0.02}
+    thetas = {f"model.layers.{i}.self_attn.vscale.theta" for i in range(2)}
+    assert {key for key in model.state_dict() if "vscale" in key} == thetas
 
 
 def test_eager_and_sdpa_agree():
@@ -174,7 +178,7 @@ def test_greedy_generation_with_and_without_cache_agree():
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("mode", ["learned", "fixed"])
+@pytest.mark.parametrize("mode", MODES)
 def test_save_pretrained_and_from_pretrained_restore_vscale_and_theta(tmp_path, mode):
     model = _vscaled("llama", mode=mode, num_key_value_heads=4)
     ids = _ids()
@@ -210,7 +214,7 @@ def test_from_pretrained_without_vscale_is_plain_transformers(tmp_path):
 
 def test_plain_transformers_load_reports_theta_as_unexpected(tmp_path):
     # The documented door is vsp.from_pretrained; plain loading must at least not hide what it dropped.
-    for mode in ("learned", "fixed"):
+    for mode in MODES:
         _vscaled("llama", mode=mode).save_pretrained(tmp_path / mode)
         _, info = AutoModelForCausalLM.from_pretrained(tmp_path / mode, output_loading_info=True)
         assert {f"model.layers.{i}.self_attn.vscale.theta" for i in range(2)} <= set(info["unexpected_keys"])
@@ -224,13 +228,16 @@ def test_from_pretrained_refuses_a_checkpoint_whose_theta_is_missing(tmp_path):
         vsp.from_pretrained(tmp_path)
 
 
-def test_remove_restores_outputs_bitwise():
+@pytest.mark.parametrize("mode", MODES)
+def test_remove_restores_outputs_bitwise(mode):
     model = tiny_model("llama")
     ids = _ids()
     before_logits, before_grads = _loss_and_grads(model, ids)
     keys = list(model.state_dict())
-    randomise_theta(vsp.apply_vscale(model))
-    assert not torch.equal(model(ids).logits, before_logits)
+    randomise_theta(vsp.apply_vscale(model, mode=mode))
+    patched_logits, patched_grads = _loss_and_grads(model, ids)
+    assert torch.equal(patched_logits, before_logits) == (mode == "backward")  # its forward is the baseline's
+    assert not torch.equal(patched_grads["model.embed_tokens.weight"], before_grads["model.embed_tokens.weight"])
     vsp.remove_vscale(model)
     after_logits, after_grads = _loss_and_grads(model, ids)
     assert torch.equal(after_logits, before_logits)
@@ -348,7 +355,7 @@ def test_unsupported_architecture_error_lists_what_is_supported():
 
 
 def test_unknown_mode_is_an_error_naming_the_modes():
-    with pytest.raises(ValueError, match="learned, fixed"):
+    with pytest.raises(ValueError, match="learned, fixed, backward"):
         vsp.apply_vscale(tiny_model("llama"), mode="adaptive")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
 from vscale_plugin.launch.ds_config import CONFIG_DIR, resolve_ds_config
+from vscale_plugin.ops.vscale import MODES
 from vscale_plugin.train.recipe import PRESETS
 
 # The modes a study trains when --modes is not given.
@@ -38,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument(
         "--modes",
         default=None,
-        help="comma-separated --vscale modes; 'off' is the baseline (default: off,learned; off,learned,fixed for "
-        "sinklab)",
+        help=f"comma-separated --vscale modes: 'off' (the baseline) and any of {', '.join(MODES)} (backward: the "
+        "paper's backward-only ablation); default: off,learned; off,learned,fixed for sinklab",
     )
     p.add_argument("--dataset", default=None, help="default: the preset's (bigram_backcopy for sinklab, else smoke)")
     p.add_argument("--ds_config", default=str(CONFIG_DIR / "zero2.json"), help="a path or a shipped name (zero3)")
@@ -55,9 +56,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args.modes = args.modes or ",".join(STUDY_MODES.get(args.preset, ("off", "learned")))
     args.dataset = args.dataset or preset.dataset
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in ("off", "learned", "fixed")]
+    unknown = [m for m in modes if m not in ("off", *MODES)]
     if unknown or len(modes) < 2 or "off" not in modes:
-        raise UsageError(f"--modes {args.modes}: give 'off' (the baseline) and at least one of learned, fixed")
+        raise UsageError(f"--modes {args.modes}: give 'off' (the baseline) and at least one of {', '.join(MODES)}")
     args.modes = modes
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps}: must be >= 1, or leave it out for the preset's")

@@ -4,7 +4,8 @@
 Each attention layer gets a :class:`~vscale_plugin.ops.VScale` submodule named ``vscale`` and a forward hook on
 ``v_proj`` that passes the projection's output through it. Values are therefore scaled per KV head, before the
 KV cache and whichever attention kernel the model uses (eager, sdpa, flash, flex): the attention code
-itself is never replaced. Original state-dict keys are untouched; learned mode adds ``...self_attn.vscale.theta``.
+itself is never replaced. Original state-dict keys are untouched; every mode adds ``...self_attn.vscale.theta`` (a
+parameter in learned mode, a buffer frozen at 0 in fixed and backward mode).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def apply_vscale(
     model: nn.Module, mode: Mode = "learned", sigma: float = DEFAULT_SIGMA, kernel: Kernel = "eager"
 ) -> nn.Module:
     """Apply V-scale to every attention layer of ``model`` in place and return it.
+
+    ``mode``: "learned" (the paper's choice: lambda = exp(theta), theta trained), "fixed" (lambda = 1) or "backward"
+    (the paper's backward-only ablation: the forward pass is the unpatched model's, bit for bit, and the backward pass
+    has fixed mode's V-scale Jacobian; SPEC 1). ``config.vscale`` records ``{"mode": mode, "sigma": sigma}``.
 
     Idempotent for the same ``mode`` and ``sigma``; applying them again with another ``kernel`` only switches the
     kernel (see :func:`set_vscale_kernel`). Call it before ``deepspeed.initialize`` so that theta reaches the

@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue pretraining an existing HF Llama/Mistral model (name or path) instead of a preset",
     )
-    p.add_argument("--vscale", default="learned", choices=[*MODES, "off"], help="'off' is the baseline")
+    p.add_argument(
+        "--vscale",
+        default="learned",
+        choices=[*MODES, "off"],
+        help="'off' is the baseline; 'backward' the paper's backward-only ablation (baseline forward pass, V-scale's "
+        "gradient; SPEC 1)",
+    )
     p.add_argument(
         "--vscale_kernel",
         default="eager",
