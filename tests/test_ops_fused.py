@@ -160,6 +160,43 @@ def test_tiny_llama_with_compiled_kernel_gives_eager_logits_and_every_gradient(c
 
 
 @pytest.mark.slow
+def test_backward_mode_with_the_compiled_kernel_keeps_the_baselines_logits_and_eager_gradients(compiled):
+    ids = _ids()
+    model = vsp.apply_vscale(tiny_model("llama"), mode="backward", kernel="compiled")
+    logits, grads = _logits_and_grads(model, ids)
+    eager_logits, eager_grads = _logits_and_grads(vsp.set_vscale_kernel(model, "eager"), ids)
+    baseline_logits, _ = _logits_and_grads(tiny_model("llama"), ids)
+    assert torch.equal(logits, baseline_logits) and torch.equal(eager_logits, baseline_logits)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    module = VScale(num_kv_heads=4, head_dim=8, hidden_size=32, mode="backward", kernel="compiled").bfloat16()
+    v = _inputs((2, 9, 4, 8), torch.bfloat16)[0].flatten(-2)
+    assert torch.equal(module(v).detach().view(torch.int16), v.detach().view(torch.int16))
+
+
+def test_backward_mode_runs_on_the_compiled_kernel_and_keeps_the_values(fresh_fused, monkeypatch):
+    calls = []
+
+    def compiled_stand_in(v, c):
+        calls.append(v.shape)
+        return vscale_values(v, c)
+
+    monkeypatch.setattr(fresh_fused, "_compile", lambda: compiled_stand_in)
+    module = VScale(num_kv_heads=2, head_dim=8, hidden_size=16, mode="backward", kernel="compiled")
+    eager = VScale(num_kv_heads=2, head_dim=8, hidden_size=16, mode="backward")
+    v, _, _, weights = _inputs((2, 5, 2, 8), torch.float32)
+    grads = []
+    for m in (module, eager):
+        x = v.detach().flatten(-2).requires_grad_()
+        out = m(x)
+        assert torch.equal(out, x)
+        (out.double() * weights.flatten(-2)).sum().backward()
+        grads.append(x.grad)
+    assert calls == [(2, 5, 2, 8)]
+    assert torch.equal(*grads)
+
+
+@pytest.mark.slow
 def test_generate_with_kv_cache_gives_the_same_tokens_with_either_kernel(compiled):
     model = _llama("compiled")
     prompt = _ids(batch=1, t=5)

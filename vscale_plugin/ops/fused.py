@@ -1,7 +1,9 @@
 """The fused V-scale kernel: :func:`~vscale_plugin.ops.vscale.vscale_values` compiled by ``torch.compile``.
 
 Eager PyTorch runs V-scale as several element-wise kernels forward and backward; compiled, inductor fuses
-them. The math is ``vscale_values`` itself (SPEC 1), so the eager function stays the reference. Compiling is
+them. The math is ``vscale_values`` itself (SPEC 1), so the eager function stays the reference. Mode "backward" uses
+this same compiled phi*v for its gradient (``VScale.forward`` then returns v's own values, see
+:func:`~vscale_plugin.ops.vscale.backward_only_values`), so every mode runs on either kernel. Compiling is
 optional and best-effort: when it is impossible here (no C++ compiler or Triton, an unsupported Python or backend, a
 dynamo error, dynamo's recompile limit), one warning names the cause and the eager kernel serves the rest of the
 process. PyTorch may defer compiling the backward graph to the first ``backward()``; an error there is not caught.
