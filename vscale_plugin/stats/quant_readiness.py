@@ -71,7 +71,8 @@ def kurtosis_sum(x: torch.Tensor) -> torch.Tensor:
     """[sum of the per-token kurtosis, tokens that have one] of (tokens, features) float32."""
     d = x - x.mean(-1, keepdim=True)
     var = d.square().mean(-1, keepdim=True)
-    z4 = (d * var.rsqrt()).pow(4).mean(-1)  # Pearson kurtosis E[(x - mu)^4] / sigma^4, standardised first (no overflow)
+    # Pearson kurtosis E[(x - mu)^4] / sigma^4, standardised first (no overflow); in place: one temporary in all
+    z4 = d.mul_(var.rsqrt()).square_().square_().mean(-1)
     defined = var.squeeze(-1) > 0
     return torch.stack([torch.where(defined, z4, 0.0).double().sum(), defined.double().sum()]).cpu()
 
@@ -91,8 +92,8 @@ def int8_error(x: torch.Tensor) -> torch.Tensor:
     0."""
     scale = x.abs().max() / INT8_MAX  # s = max|x| / 127
     safe = torch.where(scale > 0, scale, 1.0)
-    q = safe * torch.clamp(torch.round(x / safe), -INT8_MAX - 1, INT8_MAX)  # q(x) = s clamp(round(x / s), -128, 127)
-    error = torch.where(scale > 0, (x - q).norm() / x.norm(), 0.0)
+    q = torch.round(x / safe).clamp_(-INT8_MAX - 1, INT8_MAX).mul_(safe)  # q(x) = s clamp(round(x / s), -128, 127)
+    error = torch.where(scale > 0, q.sub_(x).norm() / x.norm(), 0.0)
     return torch.stack([error.double(), torch.ones((), dtype=torch.float64, device=x.device)]).cpu()
 
 
