@@ -3,9 +3,12 @@
     python benchmarks/collector_overhead.py --device cpu --quick          # smoke shapes + a small model, minutes
     python benchmarks/collector_overhead.py --device cuda --preset 0.3B     # bf16, sdpa
 
-Full training steps (forward, backward, AdamW step) of one V-scale Llama under three arms, interleaved in a rotating
+Full training steps (forward, backward, AdamW step) of one V-scale Llama under four arms, interleaved in a rotating
 order after warm-up: (a) no collector, (b) an idle collector (``capture(step)`` on a step that is not due: no hooks),
-(c) a capture step (due: hooks, statistics, parameter-gradient norms). Median step time of each, the ratios to (a),
+(c) a capture step (due: hooks, statistics, parameter-gradient norms), (d) the same capture step without the qr/
+quantisation-readiness statistics (``quant_readiness=False``); ``qr_ratio`` = (c) / (d) is what they cost a capture
+step (median of the medians' ratio, and ``paired``: the median of per-round ratios). Median step time of each, the
+ratios to (a),
 and the amortised cost at ``every`` = 10/100/1000, ((every - 1) * idle + capture) / (every * none). Step times of
 a few percent noise cannot resolve the 0.5% idle target, so the idle collector's own cost is also timed directly:
 ``idle_call_s`` per ``capture()`` of a step that is not due (20k calls), giving ``ratio_idle_direct`` =
@@ -38,7 +41,7 @@ from benchmarks.common import emit, machine, sync
 from vscale_plugin.stats.collector import StatsCollector
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
-ARMS = ("none", "idle", "capture")
+ARMS = ("none", "idle", "capture", "capture_no_qr")
 EVERY = (10, 100, 1000)
 COLLECT_EVERY = 1000  # capture(0) is due, capture(1) is not
 
@@ -93,9 +96,10 @@ def _step(model, optimizer, collector, ids: torch.Tensor, arm: str) -> None:
     if arm == "none":
         model(input_ids=ids, labels=ids).loss.backward()
     else:
-        with collector.capture(0 if arm == "capture" else 1):
+        due = arm.startswith("capture")
+        with collector.capture(0 if due else 1):
             model(input_ids=ids, labels=ids).loss.backward()
-        if arm == "capture" and not collector.result():
+        if due and not collector.result():
             raise RuntimeError("the capture step recorded no statistics")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -167,11 +171,12 @@ def measure_time(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     )
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(1)).to(device)
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    no_qr = StatsCollector(model, every=COLLECT_EVERY, distributed=False, quant_readiness=False)
 
     def timed(arm: str) -> float:
         sync(device)
         t0 = time.perf_counter()
-        _step(model, optimizer, collector, ids, arm)
+        _step(model, optimizer, no_qr if arm == "capture_no_qr" else collector, ids, arm)
         sync(device)
         return time.perf_counter() - t0
 
@@ -185,6 +190,7 @@ def measure_time(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     medians = {arm: statistics.median(t) for arm, t in times.items()}
     # Per round, each arm against the no-collector step of the same round: drifts over the run cancel out.
     paired = {arm: statistics.median(a / n for a, n in zip(times[arm], times["none"], strict=True)) for arm in ARMS[1:]}
+    paired["qr"] = statistics.median(a / b for a, b in zip(times["capture"], times["capture_no_qr"], strict=True))
     return medians, paired, idle_call_s(collector)
 
 
@@ -214,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"{arm:>8}: median step {medians[arm]:.4f} s ({medians[arm] / none:.4f}x no collector)", flush=True)
     print(f"idle capture() call: {idle_call * 1e6:.2f} us = {idle_call / none:.2e} of a step; paired medians: "
           f"idle {paired['idle']:.4f}x, capture {paired['capture']:.4f}x", flush=True)  # fmt: skip
+    qr_ratio = {"median": capture / medians["capture_no_qr"], "paired": paired.pop("qr")}
+    print(f"qr/ statistics: capture step with / without them {qr_ratio['median']:.4f}x (paired "
+          f"{qr_ratio['paired']:.4f}x)", flush=True)  # fmt: skip
     amortised = {str(e): ((e - 1) * idle + capture) / (e * none) for e in EVERY}
     # The same from the direct idle cost: the idle steps cost none + idle_call each.
     amortised_direct = {str(e): ((e - 1) * (none + idle_call) + capture) / (e * none) for e in EVERY}
@@ -232,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "median_step_s": medians,
         "ratio_idle": idle / none,
         "ratio_capture": capture / none,
+        "ratio_capture_no_qr": medians["capture_no_qr"] / none,
+        "qr_ratio": qr_ratio,
         "amortised": amortised,
         "idle_call_s": idle_call,
         "ratio_idle_direct": (none + idle_call) / none,
