@@ -19,6 +19,7 @@ from vscale_plugin.evaluate.niah import (
     check_task,
     evaluate_niah,
     greedy_generate,
+    greedy_generate_batch,
     make_samples,
     max_new_tokens,
     score,
@@ -177,6 +178,15 @@ def test_greedy_generate_stops_at_eos():
     assert greedy_generate(model, prompt, 16, eos_id=eos) == expected[: expected.index(eos)]
 
 
+def test_a_batch_of_prompts_generates_what_each_prompt_does_alone():
+    model = tiny_model("llama", attn_implementation="eager", seed=1)
+    prompts = torch.randint(3, 128, (3, 24), generator=torch.Generator().manual_seed(2))
+    alone = [_argmax_without_cache(model, row.tolist(), 12) for row in prompts]
+    eos = alone[1][4]  # row 1 stops early; the others go on
+    expected = [row[: row.index(eos)] if eos in row else row for row in alone]
+    assert greedy_generate_batch(model, prompts, 12, eos_id=eos) == expected
+
+
 # --- scoring ---------------------------------------------------------------------------------------------------
 
 
@@ -188,17 +198,19 @@ class CopyModel(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
 
-    def forward(self, input_ids: torch.Tensor, past_key_values: dict | None = None, use_cache: bool = True):
+    def forward(self, input_ids: torch.Tensor, past_key_values: list | None = None, use_cache: bool = True):
         if past_key_values is None:
-            prompt = self.tokenizer.decode(input_ids[0].tolist())
-            answer = [*self.tokenizer.encode(" " + _needles(prompt)[_asked_key(prompt)]), self.tokenizer.eos_id]
-            past_key_values = {"sequence": [], "answer": answer, "emitted": 0}
-        past_key_values["sequence"] += input_ids[0].tolist()
-        answer, emitted = past_key_values["answer"], past_key_values["emitted"]
-        token = answer[min(emitted, len(answer) - 1)]
-        past_key_values["emitted"] += 1
-        logits = torch.zeros(1, input_ids.shape[1], self.tokenizer.vocab_size)
-        logits[0, -1, token] = 1.0
+            past_key_values = []
+            for row in input_ids.tolist():
+                prompt = self.tokenizer.decode(row)
+                answer = [*self.tokenizer.encode(" " + _needles(prompt)[_asked_key(prompt)]), self.tokenizer.eos_id]
+                past_key_values.append({"sequence": [], "answer": answer, "emitted": 0})
+        logits = torch.zeros(*input_ids.shape, self.tokenizer.vocab_size)
+        for row, state in enumerate(past_key_values):
+            state["sequence"] += input_ids[row].tolist()
+            answer, emitted = state["answer"], state["emitted"]
+            logits[row, -1, answer[min(emitted, len(answer) - 1)]] = 1.0
+            state["emitted"] += 1
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)
 
 
@@ -211,8 +223,8 @@ class GarbageModel(nn.Module):
         self.token = tokenizer.encode(" the")[-1]
 
     def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True):
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
-        logits[0, -1, self.token] = 1.0
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        logits[:, -1, self.token] = 1.0
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)
 
 

@@ -71,6 +71,10 @@ _SNAP_TOKENS = 16
 _ANSWER_MARGIN = 4
 
 
+class ContextTooShort(ValueError):
+    """The context cannot hold the task's template, needles and answer: the cell is skipped, not failed."""
+
+
 @dataclass(frozen=True)
 class Sample:
     task: str
@@ -233,7 +237,7 @@ def make_samples(
             )
             budget = context - answer_tokens - len(prefix) - len(question) - sum(map(len, needles))
             if budget < 0:
-                raise ValueError(
+                raise ContextTooShort(
                     f"NIAH {task}: context {context} is too small: the template, needles and answer alone take "
                     f"{context - budget} tokens; use a context of at least that"
                 )
@@ -268,34 +272,54 @@ def _device(model: nn.Module) -> torch.device:
 def greedy_generate(
     model: nn.Module, input_ids: list[int] | torch.Tensor, max_new_tokens: int, eos_id: int | None = None
 ) -> list[int]:
-    """The tokens ``model`` generates greedily after ``input_ids`` (one prompt), at most ``max_new_tokens``.
-
-    One forward of the prompt with ``use_cache=True``, then one token at a time with the KV cache it returned, on
-    the model's device. Stops at ``eos_id``, which is not returned. ``model`` is anything that takes ``input_ids``,
-    ``past_key_values`` and ``use_cache`` and returns ``.logits`` and ``.past_key_values`` (an HF causal LM; in
-    transformers versions that renamed it, ``cache`` instead of ``past_key_values``).
-    """
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=_device(model))
+    """The tokens ``model`` generates greedily after ``input_ids`` (one prompt), at most ``max_new_tokens``; see
+    :func:`greedy_generate_batch`."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"greedy_generate takes one non-empty prompt, got input_ids of shape {tuple(ids.shape)}")
+    return greedy_generate_batch(model, ids[None], max_new_tokens, eos_id)[0]
+
+
+@torch.no_grad()
+def greedy_generate_batch(
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None
+) -> list[list[int]]:
+    """The tokens ``model`` generates greedily after each row of ``input_ids`` (prompts of one length, so no padding
+    and the same positions in every row), at most ``max_new_tokens`` per row.
+
+    One forward of the prompts with ``use_cache=True``, then one token per row at a time with the KV cache it
+    returned, on the model's device. A row stops at ``eos_id``, which is not returned (rows that stopped are still
+    computed until every row has, and their tokens dropped). ``model`` is anything that takes ``input_ids``,
+    ``past_key_values`` and ``use_cache`` and returns ``.logits`` and ``.past_key_values`` (an HF causal LM; in
+    transformers versions that renamed it, ``cache`` instead of ``past_key_values``).
+    """
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=_device(model))
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"greedy_generate_batch takes (batch, length) prompts, got shape {tuple(ids.shape)}")
     parameters = inspect.signature(model.forward).parameters
     # Recent transformers (5.24) name the KV cache `cache`, argument and output, deprecating past_key_values.
     cache_name = "cache" if "cache" in parameters else "past_key_values"
     # The prompt's logits are needed at its last position only; HF models can skip computing the others.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    generated: list[int] = []
-    step = ids[None]
+    generated: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    running = [True] * ids.shape[0]
+    step = ids
     cache = None
     for _ in range(max_new_tokens):
         out = model(input_ids=step, use_cache=True, **{cache_name: cache}, **keep)
         cache = getattr(out, cache_name)
-        token = int(out.logits[0, -1].argmax())
-        if token == eos_id:
+        tokens = out.logits[:, -1].argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            if running[row]:
+                if token == eos_id:
+                    running[row] = False
+                else:
+                    generated[row].append(token)
+        if not any(running):
             break
-        generated.append(token)
-        step = torch.tensor([[token]], dtype=torch.long, device=ids.device)
+        step = tokens[:, None]
     return generated
 
 
@@ -306,14 +330,23 @@ def score(generated: str, answer: str) -> bool:
     return answer.lower() in generated.lower()
 
 
-def evaluate_niah(model: nn.Module, tokenizer: Tokenizer, samples: Sequence[Sample]) -> float:
-    """Accuracy of ``model`` on ``samples``: the fraction whose greedy answer contains the value."""
+def evaluate_niah(model: nn.Module, tokenizer: Tokenizer, samples: Sequence[Sample], batch_size: int = 8) -> float:
+    """Accuracy of ``model`` on ``samples``: the fraction whose greedy answer contains the value. Samples of one
+    task and prompt length (all of one ``make_samples`` call) are decoded ``batch_size`` at a time."""
     if len(samples) == 0:
         raise ValueError("evaluate_niah needs at least one sample")
+    if batch_size < 1:
+        raise ValueError(f"evaluate_niah batch_size must be at least 1, got {batch_size}")
     _check_text(tokenizer)
-    budgets = {task: max_new_tokens(task, tokenizer) for task in {s.task for s in samples}}
-    correct = 0
+    groups: dict[tuple[str, int], list[Sample]] = {}
     for sample in samples:
-        generated = greedy_generate(model, sample.input_ids, budgets[sample.task], tokenizer.eos_id)
-        correct += score(tokenizer.decode(generated), sample.answer)
+        groups.setdefault((sample.task, len(sample.input_ids)), []).append(sample)
+    correct = 0
+    for (task, _), group in groups.items():
+        budget = max_new_tokens(task, tokenizer)
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            prompts = torch.tensor([sample.input_ids for sample in chunk], dtype=torch.long)
+            answers = greedy_generate_batch(model, prompts, budget, tokenizer.eos_id)
+            correct += sum(score(tokenizer.decode(ids), s.answer) for ids, s in zip(answers, chunk, strict=True))
     return correct / len(samples)
