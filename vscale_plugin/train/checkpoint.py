@@ -122,9 +122,11 @@ def save_checkpoint(engine, config: RunConfig, rank: int, step: int, data: Batch
     # Each rank reads its own data shard: its position and RNG are saved next to DeepSpeed's files.
     rank_dir = save_dir / tag
     if rank == 0:
-        # What launchers/analyze.py needs to rebuild the model and its tokenizer from this directory.
+        # What launchers/analyze.py and evaluate.py need to rebuild the model and its tokenizer from this directory,
+        # and the MLflow run an evaluation of it is tagged with.
         engine.module.config.save_pretrained(save_dir)
-        run = {"tokenizer": config.tokenizer_spec, "dataset": config.dataset, "settings": run_settings(config)}
+        run = {"tokenizer": config.tokenizer_spec, "dataset": config.dataset, "settings": run_settings(config),
+               "mlflow_run_id": run_id}  # fmt: skip
         (save_dir / _RECORD).write_text(json.dumps(run, indent=1))
     (rank_dir / f"data_rank{rank:05d}.json").write_text(json.dumps(data.state_dict()))
     torch.save(_rng_state(), rank_dir / f"rng_rank{rank:05d}.pt")

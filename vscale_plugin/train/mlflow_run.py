@@ -45,6 +45,7 @@ def open_run(config: RunConfig, model: nn.Module, run_id: str | None) -> RunLogg
                 "vscale_kernel": config.vscale_kernel,
                 "dataset": config.dataset,
                 "tokenizer": config.tokenizer or "default",
+                "save_dir": str(config.save_dir.absolute()),  # where `evaluate.py --model runs:/<id>` finds the model
                 "init_from": config.init_from or "",
                 "world_size": config.world_size,
                 "seed": config.seed,
