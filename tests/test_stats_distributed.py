@@ -27,7 +27,10 @@ REL = 1e-4
 ABS = 1e-9
 # Across ZeRO stages the same float32 gradient is summed in different orders: ~1e-6 relative at most.
 REL_STAGES = 1e-5
-PREFIXES = ("as/", "ma/", "gs/", "grad/", "vscale/")
+PREFIXES = ("as/", "ma/", "gs/", "grad/", "vscale/", "qr/")
+# Whole-tensor statistics of one forward call (SPEC 4, qr/): averaged over the step's calls (micro-batches x ranks), not
+# the value of the whole batch; qr/kurtosis is per token, so exact like every other key.
+PER_CALL = ("qr/max_over_median/", "qr/int8_error/")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,20 @@ def reference(ranks: list[dict]) -> dict[str, float]:
 
 def _is_grad(key: str) -> bool:
     return key.startswith("grad/")
+
+
+def _exact(reference: dict[str, float]) -> list[str]:
+    """The keys that one process with the whole batch and 2 ranks with half each report alike."""
+    return [k for k in reference if not _is_grad(k) and not k.startswith(PER_CALL)]
+
+
+def _mean_over_calls(calls: list[dict[str, float]]) -> dict[str, float]:
+    """The per-call qr/ keys of several forward calls combined as the collector documents: the mean over the calls,
+    then the max over layers."""
+    out = {k: sum(c[k] for c in calls) / len(calls) for k in calls[0] if k.startswith(PER_CALL) and "/L" in k}
+    for family in {k.rsplit("/", 1)[0] for k in out}:
+        out[f"{family}/max"] = max(v for k, v in out.items() if k.startswith(family + "/L"))
+    return out
 
 
 def _mismatches(got: dict, want: dict, keys, rel: float = REL) -> list[tuple[str, float, float | None]]:
@@ -73,7 +90,7 @@ def test_reference_has_every_metric_and_a_planted_sink(reference: dict[str, floa
 
 
 def test_plain_module_two_halves_equal_whole_batch(ranks: list[dict], reference: dict[str, float]) -> None:
-    keys = [k for k in reference if not _is_grad(k)]
+    keys = _exact(reference)
     for res in ranks:
         metrics = res["plain"]["metrics"]
         assert set(metrics) == set(reference)
@@ -95,13 +112,33 @@ def test_padded_halves_on_two_ranks_equal_the_whole_padded_batch(ranks: list[dic
     # first real token, and the per-position sequence counts are combined over ranks like the sums they divide.
     reference = ranks[0]["padded_reference"]
     assert reference["as/sink_rate/L00"] == pytest.approx(0.75)  # rows 0-2 start with the planted BOS, also padded
-    keys = [k for k in reference if not _is_grad(k)]
+    keys = _exact(reference)
     for res in ranks:
         assert set(res["padded"]) == set(reference)
         bad = _mismatches(res["padded"], reference, keys)
         assert not bad, f"rank {res['rank']}: (key, one process, 2 ranks) {bad}"
     # Positions < 16 see the same tokens as unpadded rows (causal), but the column mass sums over fewer queries.
     assert reference["as/mass/L00"] < 0.95 * ranks[0]["reference"]["as/mass/L00"]
+
+
+def test_kurtosis_is_exact_over_ranks_and_whole_tensor_statistics_are_the_mean_over_calls(
+    ranks: list[dict], reference: dict[str, float]
+) -> None:
+    kurtosis = [k for k in _exact(reference) if k.startswith("qr/kurtosis/")]
+    assert len(kurtosis) == 2 * (NUM_LAYERS + 1)  # h_out and down_proj_in per layer, and their max
+    # Plain module, one call of 2 sequences per rank: the mean of the two ranks' own values.
+    expected = _mean_over_calls([res["plain"]["local_metrics"] for res in ranks])
+    assert len(expected) == (2 + 7) * (NUM_LAYERS + 1)
+    for res in ranks:
+        assert not _mismatches(res["plain"]["metrics"], expected, expected)
+        assert not _mismatches(res["plain"]["metrics"], reference, kurtosis)
+    # Engines, 2 micro-batches of 1 sequence per rank: the mean over the 4 sequences' own values.
+    expected = _mean_over_calls(ranks[0]["per_sequence"])
+    for stage in STAGES:
+        bad = _mismatches(ranks[0]["stages"][stage]["metrics"], expected, expected)
+        assert not bad, f"ZeRO-{stage}: (key, mean over the 4 calls, engine) {bad}"
+    # ... which is not the whole batch's value: the rule is what makes them agree
+    assert _mismatches(ranks[0]["plain"]["metrics"], reference, expected, rel=1e-3)
 
 
 def test_plain_module_every_rank_returns_the_same_metrics(ranks: list[dict]) -> None:
@@ -135,7 +172,7 @@ def test_engine_runs_the_zero_stage(ranks: list[dict], stage: str) -> None:
 def test_engine_statistics_equal_single_process_whole_batch(
     ranks: list[dict], reference: dict[str, float], stage: str
 ) -> None:
-    keys = [k for k in reference if not _is_grad(k)]
+    keys = _exact(reference)
     for res in ranks:
         metrics = res["stages"][stage]["metrics"]
         assert set(metrics) == set(reference)

@@ -2,7 +2,9 @@
 
 One launch runs every scenario and writes what each rank saw to ``<out>/rank<R>.json``; the test makes the assertions.
 
-- ``reference`` (rank 0 only): ``vsp.measure`` of the model on the whole batch of 4 sequences in one process.
+- ``reference`` (rank 0 only): ``vsp.measure`` of the model on the whole batch of 4 sequences in one process;
+  ``per_sequence`` (rank 0): ``vsp.measure`` of each sequence alone (one forward call each, for the qr/ statistics
+  that are averaged over calls).
 - ``plain``: the same model as a plain module, data parallel by hand (rank r: sequences 2r, 2r+1), collected with
   ``StatsCollector(model, every=1)``; ``plain_local`` is the same half batch with ``distributed=False`` (what this
   rank alone sees, so that the test can show the aggregation matters).
@@ -212,6 +214,7 @@ def work(args: argparse.Namespace) -> None:
     if rank == 0:
         res["reference"] = vsp.measure(build_model(), ids)
         res["padded_reference"] = vsp.measure(build_model(), *padded_batch(ids))
+        res["per_sequence"] = [vsp.measure(build_model(), ids[j : j + 1]) for j in range(BATCH)]
     res["plain"] = plain(ids, rank)
     res["padded"] = padded(ids, rank)
     res["stages"] = {str(s): stage(s, ids, rank, world) for s in STAGES}
