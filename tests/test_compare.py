@@ -34,6 +34,7 @@ COMPARE = REPO / "launchers" / "compare.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = {
     "sink_rate",
+    "quant_readiness",
     "activation_norms",
     "gradient_sink_ratio",
     "value_norms",

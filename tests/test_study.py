@@ -37,13 +37,21 @@ def _study(tmp_path, *flags, timeout=900):
 @pytest.mark.e2e
 @pytest.mark.distributed
 def test_study_trains_baseline_and_vscale_with_the_same_recipe_then_compares(tmp_path):
-    proc = _study(tmp_path, "--steps", 6, "--stats_every", 3, "--out", tmp_path / "study", "--experiment", "paired")
+    evaluation = "--tasks ppl,niah_single_2 --quant none,w8a8_static --seeds 1 --samples 2 --calib 4 --ppl_windows 4"
+    proc = _study(tmp_path, "--steps", 6, "--stats_every", 3, "--out", tmp_path / "study", "--experiment", "paired",
+                  "--evaluate", "--eval_flags", evaluation)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = (tmp_path / "study" / "report" / "report.md").read_text()
     assert "learned / off" in report
+    # --evaluate: both models downstream, at the native context and 4x it with YaRN, in the comparison's report
+    downstream = report[report.index("## Downstream evaluation") :]
+    assert "| quant | 128: off | 128: learned | Δ | 512: off | 512: learned | Δ |" in downstream
+    assert "| w8a8_static |" in downstream and "### niah_single_2" in downstream
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("paired").experiment_id])
-    trained = {r.data.tags["vscale"]: r for r in runs if "comparison" not in r.data.tags}
+    trained = {r.data.tags["vscale"]: r for r in runs if not {"comparison", "evaluation"} & set(r.data.tags)}
+    evaluations = {r.data.tags["source_run"] for r in runs if r.data.tags.get("evaluation") == "true"}
+    assert evaluations == {r.info.run_id for r in trained.values()}
     assert set(trained) == {"off", "learned"}
     for key in ("recipe.lr", "recipe.global_batch", "seed", "dataset", "world_size", "recipe.max_steps"):
         assert trained["off"].data.params[key] == trained["learned"].data.params[key], key

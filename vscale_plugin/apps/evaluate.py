@@ -172,7 +172,7 @@ def _write(args, targets: list[Target], records, skipped, world_size: int) -> No
             tags["source_run"] = target.source.training_run_id
         logger = RunLogger(args.experiment, run_name=f"{args.name}-{target.label}", tracking_uri=uri, tags=tags,
                            spool_dir=args.out / "mlflow-spool")  # fmt: skip
-        logger.log_params({**settings, "model": target.source.path, "vscale": target.vscale,
+        logger.log_params({**settings, "model": target.source.path, "label": target.label, "vscale": target.vscale,
                            "native_context": target.native, "package_version": vscale_plugin.__version__})  # fmt: skip
         logger.log_metrics(mlflow_metrics(records, target.label), step=0)
         logger.log_artifact(results, artifact_path="evaluation")

@@ -1,9 +1,10 @@
 """``vsp-study`` (``launchers/study.py``, ``python -m vscale_plugin.apps.study``): the paper's paired experiment in one
 command - baseline and V-scale trained with the same seed, data and recipe through the real ``deepspeed`` launcher,
-then the comparison report on the two runs.
+then (with ``--evaluate``) their downstream evaluation, then the comparison report on the runs.
 
     vsp-study --preset smoke --steps 150                                      # CPU, a few minutes per run
     vsp-study --preset sinklab                       # Bigram-Backcopy: sinks form; baseline, learned, fixed V-scale
+    vsp-study --preset smoke --evaluate              # then both models downstream: perplexity, NIAH, quantised
     vsp-study --preset 0.1B --dataset c4 --num_gpus 8 -- --tokenizer gpt2 --save_every 1000
 
 Both runs and the comparison are the installed modules, started by the interpreter running the study, so they use
@@ -13,6 +14,7 @@ the same vscale_plugin as the study, in a checkout or not.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -49,6 +51,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--stats_every", type=int, default=None, help="default: the preset's measurements per run, else 5; 0: none"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="after training, evaluate every model downstream (launchers/evaluate.py: perplexity, NIAH, every "
+        "quantisation scheme, at the native context and 4x it with YaRN); the report gains the downstream tables",
+    )
+    p.add_argument(
+        "--eval_flags",
+        default="",
+        help='more launchers/evaluate.py flags for --evaluate, in one string, e.g. "--seeds 2 --samples 10"',
+    )
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: study-<preset>)")
     p.add_argument("--out", default=None, help="directory for checkpoints and the report (default: studies/<name>)")
     args = p.parse_args(argv)
@@ -88,6 +101,18 @@ def pretrain_command(args: argparse.Namespace, mode: str, extra: list[str]) -> l
     ]  # fmt: skip
 
 
+def evaluate_command(args: argparse.Namespace, run_ids: list[str]) -> list[str]:
+    """launchers/evaluate.py on every trained model, on the ranks the training ran on: the paper's contexts (native,
+    4x native with YaRN factor 4) unless --eval_flags says otherwise (a later flag wins)."""
+    native = PRESETS[args.preset].seq_len
+    models = [flag for run_id in run_ids for flag in ("--model", f"runs:/{run_id}")]
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_gpus),
+        "--module", "vscale_plugin.apps.evaluate", *models, "--context", f"{native},{4 * native}", "--yarn", "4",
+        "--experiment", args.experiment, "--out", str(args.out / "evaluation"), *shlex.split(args.eval_flags),
+    ]  # fmt: skip
+
+
 def _run_id(experiment: str, run_name: str) -> str:
     from mlflow import MlflowClient
 
@@ -119,6 +144,13 @@ def run(argv: list[str] | None = None) -> int:
             run_ids.append(_run_id(args.experiment, f"{args.name}-{mode}"))
         except UsageError as err:
             return fail(str(err))
+    if args.evaluate:
+        command = evaluate_command(args, run_ids)
+        print(f"study: {' '.join(command)}", flush=True)
+        code = subprocess.call(command)
+        if code != 0:
+            fail(f"the evaluation exited with {code}; see its output above; the trained models are in {args.out}")
+            return code
     compare = [sys.executable, "-m", "vscale_plugin.apps.compare", "--experiment", args.experiment,
                "--runs", *run_ids, "--out", str(args.out / "report")]  # fmt: skip
     print(f"study: {' '.join(compare)}", flush=True)

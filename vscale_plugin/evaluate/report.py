@@ -88,7 +88,7 @@ def _delta(row: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
         return "-"
     scale = 100 if row["metric"] in _PERCENT else 1
     diff = (row["mean"] - base["mean"]) * scale
-    return f"{diff:+.1f}" if scale != 1 else f"{diff:+.4g}"
+    return f"{diff:+.1f}" if scale != 1 else f"{diff:+.3g}"
 
 
 def tables(records: Sequence[dict[str, Any]]) -> str:

@@ -23,6 +23,7 @@ from vscale_plugin.apps.compare.report import write_report
 from vscale_plugin.apps.compare.runs import (
     BASELINE,
     check_store,
+    downstream_records,
     find_experiment,
     load_run,
     log_comparison,
@@ -90,6 +91,7 @@ def compare(args: argparse.Namespace, uri: str) -> dict[str, Any]:
         runs = [
             load_run(client, run) for run in select_runs(client, args.experiment, experiment_id, args.runs, args.filter)
         ]
+        downstream = downstream_records(client, runs)
     without = [run for run in runs if not run.has_stats]
     if len(without) == len(runs):
         names = ", ".join(f"{run.name} ({run.run_id})" for run in runs)
@@ -104,7 +106,7 @@ def compare(args: argparse.Namespace, uri: str) -> dict[str, Any]:
         warn(f"no baseline (vscale={BASELINE}) among the selected runs; report.md has no ratio rows")
     figures = plot_all(runs, out / "figures")
     report = out / "report.md"
-    table = write_report(report, args.experiment, uri, runs, baseline, figures)
+    table = write_report(report, args.experiment, uri, runs, baseline, figures, downstream)
     run_name = args.run_name or f"compare-{'-vs-'.join(run.mode for run in runs)}-{time.strftime('%Y%m%d-%H%M%S')}"
     with reaching(uri):
         paths = [figure.path for figure in figures]

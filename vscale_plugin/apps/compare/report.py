@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 from vscale_plugin.apps.compare.figures import ReportFigure
 from vscale_plugin.apps.compare.runs import STATS_KEY, RunData
+from vscale_plugin.evaluate.report import tables as evaluation_tables
 
 # Report columns: (header, what the number is). Statistics are the values at the run's last statistics step.
 COLUMNS = (
@@ -132,9 +134,16 @@ def format_table(runs: list[RunData], baseline: RunData | None) -> str:
 
 
 def write_report(
-    path: Path, experiment: str, uri: str, runs: list[RunData], baseline: RunData | None, figures: list[ReportFigure]
+    path: Path,
+    experiment: str,
+    uri: str,
+    runs: list[RunData],
+    baseline: RunData | None,
+    figures: list[ReportFigure],
+    downstream: list[dict[str, Any]] | None = None,
 ) -> str:
-    """report.md: the table, what its columns mean, the runs, the figures. Returns the table."""
+    """report.md: the table, what its columns mean, the runs, the downstream evaluation (the records of
+    ``launchers/evaluate.py`` runs of these runs, where they exist), the figures. Returns the table."""
     table = format_table(runs, baseline)
     parts = [
         f"# V-scale vs baseline: experiment `{experiment}`",
@@ -164,6 +173,10 @@ def write_report(
         steps = f"{last[-1][0]} steps" if last else "no train/loss"
         parts.append(f"- `{run.name}` (`{run.run_id}`): vscale={run.mode}, {run.status}, {steps}, {stats}")
     parts.append("")
+    if downstream:
+        parts += ["## Downstream evaluation", "",
+                  "From the newest `launchers/evaluate.py` run of each training run (MLflow tag `source_run`):", "",
+                  evaluation_tables(downstream), ""]  # fmt: skip
     for figure in figures:
         parts += [f"## {figure.title}", "", f"![{figure.title}](figures/{figure.path.name})", "", figure.caption, ""]
     text = "\n".join(parts)

@@ -163,7 +163,7 @@ def run_mode(run: Run) -> str | None:
 
 
 def _excluded(run: Run) -> bool:
-    return run.data.tags.get("comparison") == "true" or run.data.tags.get("analysis") == "true"
+    return any(run.data.tags.get(kind) == "true" for kind in ("comparison", "analysis", "evaluation"))
 
 
 def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
@@ -266,6 +266,30 @@ def load_run(client: MlflowClient, run: Run) -> RunData:
         # feed one figure, which is no reason to lose the report.
         warn(f"run {data.name} ({data.run_id}): gradient profiles not read ({reason(err)}); left out of the figure")
     return data
+
+
+def downstream_records(client: MlflowClient, runs: list[RunData]) -> list[dict[str, Any]]:
+    """The newest finished evaluation (``launchers/evaluate.py``, tagged ``source_run``) of each run, in any
+    experiment: its records from results.json, labelled with the training run's name. [] where none exists."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    records: list[dict[str, Any]] = []
+    for run in runs:
+        found = client.search_runs(experiments, max_results=1, order_by=["attributes.start_time DESC"],
+                                   filter_string=f"tags.evaluation = 'true' and tags.source_run = '{run.run_id}' "
+                                   "and attributes.status = 'FINISHED'")  # fmt: skip
+        if not found:
+            continue
+        evaluation = found[0]
+        label = evaluation.data.params.get("label")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = client.download_artifacts(evaluation.info.run_id, "evaluation/results.json", tmp)
+                mine = [r for r in json.loads(Path(path).read_text()) if r["model"] == label]
+        except (MlflowException, OSError, ValueError) as err:
+            warn(f"run {run.name} ({run.run_id}): its evaluation {evaluation.info.run_id} not read ({reason(err)})")
+            continue
+        records += [{**r, "model": run.name} for r in mine]
+    return records
 
 
 # ---- the comparison run ----
