@@ -16,7 +16,13 @@ from vscale_plugin.evaluate import quant
 
 BASELINE = "off"
 # The tasks whose numbers are percentages in the tables (as the paper prints NIAH accuracy).
-_PERCENT = {"accuracy"}
+_PERCENT = {"accuracy", "acc", "acc_norm"}
+_UNITS = {
+    "ppl": "perplexity, lower is better",
+    "bpb": "bits per byte, lower is better",
+    "accuracy": "accuracy %, mean ± std over seeds",
+    "acc": "lm-eval accuracy %",
+}
 # The metric each kind of task is reported by in the tables, first.
 _ORDER = ("ppl", "bpb", "accuracy")
 
@@ -106,8 +112,7 @@ def tables(records: Sequence[dict[str, Any]]) -> str:
     out = []
     for name, metric in names:
         contexts = sorted({r["context"] for r in rows if r["name"] == name})
-        unit = {"ppl": "perplexity, lower is better", "bpb": "bits per byte, lower is better",
-                "accuracy": "accuracy %, mean ± std over seeds"}.get(metric, metric)  # fmt: skip
+        unit = _UNITS.get(metric, metric)
         header = ["quant"]
         for context in contexts:
             for model, title in columns:

@@ -87,13 +87,15 @@ class Target:
     dataset: str
     native: int
     _windows: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _calibration: dict[tuple[int, int], list[torch.Tensor]] = field(default_factory=dict, repr=False)
     _haystack: list[str] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, source: ModelSource, dataset: str | None = None, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> Target:  # fmt: skip
         dataset = dataset or source.dataset or "smoke"
-        tokenizer = build_tokenizer(source.tokenizer, dataset, TOKENIZER_CACHE)
+        # A checkpoint trained with the default tokenizer of its dataset keeps that one on any evaluation data.
+        tokenizer = build_tokenizer(source.tokenizer, source.dataset or dataset, TOKENIZER_CACHE)
         model = load_model(source, dtype=dtype).to(device)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UsageError(
@@ -120,6 +122,8 @@ class Target:
     def calibration(self, count: int, batch_size: int) -> list[torch.Tensor]:
         """The first ``count`` training sequences of the native context, in batches: what a quantiser calibrates on.
         A training split that runs out first (and would repeat itself) is a UsageError."""
+        if (count, batch_size) in self._calibration:
+            return self._calibration[count, batch_size]
         data = open_batches(self.dataset, self.tokenizer, self.native, batch_size, split="train")
         batches = list(itertools.islice(iter(data), -(-count // batch_size)))
         if data.state_dict().get("position", {}).get("epoch", 0) > 0:
@@ -129,7 +133,8 @@ class Target:
                 f"--calib {count}: --dataset {self.dataset} holds only {distinct} training sequences of {self.native} "
                 f"tokens; pass --calib {distinct} or less, or a larger dataset"
             )
-        return list(torch.cat(batches)[:count].split(batch_size))
+        self._calibration[count, batch_size] = list(torch.cat(batches)[:count].split(batch_size))
+        return self._calibration[count, batch_size]
 
     def haystack(self) -> list[str]:
         """Held-out documents as text, the needles' haystack."""
@@ -204,7 +209,24 @@ def evaluate(
     mine.sort(key=lambda item: (item.model, item.quant))
     done: list[tuple[Item, list[dict[str, Any]]]] = []
     skipped: list[str] = []
-    bar = tqdm(total=len(mine), desc=f"evaluate (rank {rank})", unit="cell", disable=not progress or rank != 0)
+    # Calibration data read (and checked) up front on every rank, so that a bad --calib stops all ranks alike.
+    if any(quant.needs_calibration(scheme) for scheme in grid.quants):
+        for target in targets:
+            target.calibration(grid.calib, grid.batch_size)
+    with tqdm(total=len(mine), desc=f"evaluate (rank {rank})", unit="cell", disable=not progress or rank != 0) as bar:
+        _run_share(targets, grid, mine, done, skipped, bar)
+    if world_size > 1 and dist.is_initialized():
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (done, skipped))
+        done = [entry for part in gathered for entry in part[0]]
+        skipped = sorted({reason for part in gathered for reason in part[1]})
+    order = {item: index for index, item in enumerate(items)}
+    done.sort(key=lambda entry: order[entry[0]])
+    return [record for _, records in done for record in records], sorted(set(skipped))
+
+
+def _run_share(targets: Sequence[Target], grid: Grid, mine: list[Item], done: list, skipped: list[str], bar) -> None:
+    """This rank's items, grouped by (model, scheme) so that each quantised copy is made once."""
     for (model_index, scheme), group in _groups(mine):
         target = targets[model_index]
         reasons = {item: skip_reason(target, item) for item in group}
@@ -220,15 +242,6 @@ def evaluate(
                                    "template, needles and answer; evaluate it at a longer --context")  # fmt: skip
             bar.update()
         del quantised
-    bar.close()
-    if world_size > 1 and dist.is_initialized():
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, (done, skipped))
-        done = [entry for part in gathered for entry in part[0]]
-        skipped = sorted({reason for part in gathered for reason in part[1]})
-    order = {item: index for index, item in enumerate(items)}
-    done.sort(key=lambda entry: order[entry[0]])
-    return [record for _, records in done for record in records], sorted(set(skipped))
 
 
 def _groups(items: list[Item]) -> Iterator[tuple[tuple[int, str], list[Item]]]:
@@ -262,9 +275,9 @@ def _run_item(target: Target, model: nn.Module, item: Item, grid: Grid) -> list[
         if item.task == LM_EVAL:
             from vscale_plugin.evaluate.harness import hf_tokenizer, run_lm_eval
 
-            scores = run_lm_eval(model, hf_tokenizer(target.source.tokenizer, target.dataset), grid.lm_eval_tasks,
-                                 batch_size=grid.batch_size, limit=grid.lm_eval_limit,
-                                 max_length=item.context)  # fmt: skip
+            tokenizer = hf_tokenizer(target.source.tokenizer, target.source.dataset or target.dataset)
+            scores = run_lm_eval(model, tokenizer, grid.lm_eval_tasks, batch_size=grid.batch_size,
+                                 limit=grid.lm_eval_limit, max_length=item.context)  # fmt: skip
             return [{**base, "task": task, "metric": metric, "value": value}
                     for task, metrics in scores.items() for metric, value in metrics.items()]  # fmt: skip
         samples = niah.make_samples(item.task, target.tokenizer, target.haystack(), item.context, grid.samples,
