@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 import vscale_plugin
 from vscale_plugin.data import TOKENIZER_CACHE, DataError, build_tokenizer, check_dataset, open_batches, padded_batches
+from vscale_plugin.evaluate.models import is_training_checkpoint, load_pretrained, load_training_checkpoint, read_record
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, check_model_config, fail
-from vscale_plugin.launch.distributed import distributed, exit_after_distributed, rank0_first
+from vscale_plugin.launch.distributed import exit_after_distributed, rank0_first, run_launcher
 from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
 from vscale_plugin.stats import StatsCollector, causal_lm_labels
 
@@ -96,34 +97,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _is_training_checkpoint(path: str) -> bool:
-    return (Path(path) / "latest").is_file() and (Path(path) / "config.json").is_file()
-
-
 def load_model(args: argparse.Namespace, dtype: torch.dtype, ds_config: dict | None) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if _is_training_checkpoint(args.model):
+    if is_training_checkpoint(args.model):
         # Consolidated on the host first; deepspeed.initialize partitions it afterwards under ZeRO-3.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        config = AutoConfig.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
-        settings = getattr(config, "vscale", None)
-        if settings:
-            vscale_plugin.apply_vscale(model, **settings)
-        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(args.model), strict=True)
-        return model.to(dtype)
+        return load_training_checkpoint(args.model, dtype, args.attn_implementation)
     keep = None
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(ds_config)  # transformers loads straight into ZeRO-3 partitions while it lives
-    try:
-        model = vscale_plugin.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
-    except OSError as err:
-        raise UsageError(f"--model {args.model}: cannot be loaded ({str(err).splitlines()[0]}); give a local "
-                         "directory, or a hub name on a machine with network access") from err  # fmt: skip
+    model = load_pretrained(args.model, dtype, args.attn_implementation)
     del keep
     return model
 
@@ -132,20 +115,15 @@ def _tokenizer_spec(args: argparse.Namespace) -> tuple[str | None, str]:
     """(tokenizer spec, dataset the tokenizer default belongs to): a training checkpoint recorded its own."""
     if args.tokenizer is not None:
         return args.tokenizer, args.dataset
-    if _is_training_checkpoint(args.model):
-        recorded = _recorded_run(args.model)
-        return recorded["tokenizer"], recorded["dataset"]
+    if is_training_checkpoint(args.model):
+        recorded = read_record(args.model)
+        return recorded.get("tokenizer"), recorded.get("dataset", args.dataset)
     return args.model, args.dataset
-
-
-def _recorded_run(model: str) -> dict[str, Any]:
-    """What a launcher checkpoint recorded of its run (vscale_run.json): tokenizer, dataset, settings."""
-    return json.loads((Path(model) / "vscale_run.json").read_text())
 
 
 def _defaults_from_run(args: argparse.Namespace) -> None:
     """--dataset and --seq_len left out: a training checkpoint's own (its data, its context), else smoke and 512."""
-    recorded = _recorded_run(args.model) if _is_training_checkpoint(args.model) else {}
+    recorded = read_record(args.model) if is_training_checkpoint(args.model) else {}
     if args.dataset is None:
         args.dataset = recorded.get("dataset", "smoke")
     if args.seq_len is None:
@@ -240,12 +218,7 @@ def _fmt(value: float | None) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except ConfigError as err:
-        return fail(str(err))
-    with distributed() as (rank, world_size):
-        return _run(args, rank, world_size)
+    return run_launcher(parse_args, _run, argv)
 
 
 def _run(args, rank: int, world_size: int) -> int:

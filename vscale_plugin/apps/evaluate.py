@@ -28,7 +28,7 @@ from vscale_plugin.evaluate.models import ModelSource, model_source
 from vscale_plugin.evaluate.report import mlflow_metrics, write_report, write_results
 from vscale_plugin.evaluate.runner import TASKS, Grid, Target, evaluate
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, fail
-from vscale_plugin.launch.distributed import distributed, exit_after_distributed
+from vscale_plugin.launch.distributed import exit_after_distributed, run_launcher
 
 RUN_PREFIX = "runs:/"
 DEFAULT_EXPERIMENT = "vscale-plugin-evaluation"
@@ -121,12 +121,7 @@ def _unique_labels(sources: list[ModelSource]) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except ConfigError as err:
-        return fail(str(err))
-    with distributed() as (rank, world_size):
-        return _run(args, rank, world_size)
+    return run_launcher(parse_args, _run, argv)
 
 
 def _run(args: argparse.Namespace, rank: int, world_size: int) -> int:

@@ -68,26 +68,35 @@ def model_source(path: str, tokenizer: str | None = None, label: str | None = No
     return ModelSource(path, name, tokenizer if tokenizer is not None else path, None)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> nn.Module:
-    """The model of ``source`` in eval mode, V-scale restored where its config has it."""
+def load_training_checkpoint(save_dir: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> nn.Module:
+    """The model of a ``launchers/pretrain.py --save_dir`` (any ZeRO stage), V-scale restored, its weights
+    consolidated on the host by DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if source.is_training_checkpoint:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    config = AutoConfig.from_pretrained(str(save_dir))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    settings = getattr(config, "vscale", None)
+    if settings:
+        vscale_plugin.apply_vscale(model, **settings)
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(save_dir)), strict=True)
+    return model.to(dtype)
 
-        config = AutoConfig.from_pretrained(source.path)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-        settings = getattr(config, "vscale", None)
-        if settings:
-            vscale_plugin.apply_vscale(model, **settings)
-        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(source.path), strict=True)
-        return model.to(dtype).eval()
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> nn.Module:
+    """The model of ``source`` in eval mode, V-scale restored where its config has it."""
+    if source.is_training_checkpoint:
+        return load_training_checkpoint(source.path, dtype, attn_implementation).eval()
+    return load_pretrained(source.path, dtype, attn_implementation).eval()
+
+
+def load_pretrained(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa") -> nn.Module:
+    """``vsp.from_pretrained`` of an HF directory or hub name; what it cannot load is a UsageError naming the fix."""
     try:
-        model = vscale_plugin.from_pretrained(source.path, dtype=dtype, attn_implementation=attn_implementation)
+        return vscale_plugin.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
-        raise UsageError(f"--model {source.path}: cannot be loaded ({str(err).splitlines()[0]}); give a local "
+        raise UsageError(f"--model {path}: cannot be loaded ({str(err).splitlines()[0]}); give a local "
                          "directory, or a hub name on a machine with network access") from err  # fmt: skip
-    return model.eval()
 
 
 def vscale_mode(model: nn.Module) -> str:

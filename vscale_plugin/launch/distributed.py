@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vscale_plugin.data import DataError
-from vscale_plugin.launch.cli import ConfigError
+from vscale_plugin.launch.cli import ConfigError, fail
 from vscale_plugin.launch.ops import load_op
 
 
@@ -153,3 +153,15 @@ def max_over_ranks(value: int) -> int:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def run_launcher(parse_args: Callable[[list[str] | None], Any], body: Callable[[Any, int, int], int],
+                 argv: list[str] | None = None) -> int:  # fmt: skip
+    """A launcher's main: its flags parsed (a bad one is the ``error:`` line and exit 2, before any process group),
+    then ``body(args, rank, world_size)`` inside :func:`distributed`; returns the exit code."""
+    try:
+        args = parse_args(argv)
+    except ConfigError as err:
+        return fail(str(err))
+    with distributed() as (rank, world_size):
+        return body(args, rank, world_size)
