@@ -9,10 +9,11 @@ For each preset (0.1B, 0.3B, 1B by default), in this order so that the most impo
 ``launcher_vs_loop.py`` (``--launcher_steps`` steps of the real launcher with ZeRO-2: tokens/s, MFU, against a plain
 PyTorch loop), ``collector_overhead.py`` (idle/capture/amortised, capture-step memory at T = 1k/2k/4k) and
 ``data_throughput.py`` (the launcher's pipeline against the launcher's measured tokens/s); then, for the first
-preset, ``engine_phases.py`` (forward/backward/step of a plain model vs the DeepSpeed engine). Each runs as its own
-process with a timeout that keeps the whole suite inside ``--budget_s``; what the budget cannot fit is reported as
-skipped, never silently dropped. Every result is a JSON file in ``--out``, with ``suite.json`` indexing them; the
-exit code is 0 only when every step succeeded.
+preset, ``engine_phases.py`` (forward/backward/step of a plain model vs the DeepSpeed engine); then, per preset,
+``evaluate_throughput.py`` (evaluation perplexity tokens/s and NIAH samples/s, as is and fake-quantised). Each runs
+as its own process with a timeout that keeps the whole suite inside ``--budget_s``; what the budget cannot fit is
+reported as skipped, never silently dropped. Every result is a JSON file in ``--out``, with ``suite.json`` indexing
+them; the exit code is 0 only when every step succeeded.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ NEEDS = {
     "launcher_vs_loop": ("deepspeed", "mlflow", "datasets"),
     "data_throughput": ("datasets",),
     "engine_phases": ("deepspeed", "datasets"),
+    "evaluate_throughput": ("datasets",),  # vscale_plugin.data (the perplexity's tokenizer type) imports it
 }
 
 
@@ -83,6 +85,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
     # Last, if the budget allows: where the launcher's time goes (plain vs DeepSpeed engine, per phase).
     tiny = ["--batch", "1", "--seq_len", "64", "--steps", "2", "--warmup", "1"] if args.quick else []
     steps.append(("engine_phases", args.presets[0], [*d, "--preset", args.presets[0], "--stage", "2", *tiny], 90))
+    # Then the downstream evaluation's speed (perplexity tokens/s, NIAH samples/s), as is and fake-quantised.
+    for preset in args.presets:
+        tiny = ["--context", "64", "--batch", "2", "--new_tokens", "4", "--repeats", "1"] if args.quick else []
+        steps.append(("evaluate_throughput", preset, [*d, "--preset", preset, *tiny], 90))
     return [{"name": n, "preset": p, "argv": a, "cap_s": c} for n, p, a, c in steps]
 
 
@@ -145,7 +151,7 @@ def _fmt(value, spec: str) -> str:
 def table(out: Path, presets: list[str]) -> str:
     head = (
         "| preset | V-scale ratio eager | fused | launcher tok/s | MFU | loop tok/s | launcher/loop | idle | "
-        "capture | every=100 | capture mem T=4096 | data headroom |"
+        "capture | every=100 | capture mem T=4096 | data headroom | eval ppl tok/s | NIAH samples/s |"
     )
     rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for preset in presets:
@@ -157,6 +163,7 @@ def table(out: Path, presets: list[str]) -> str:
         memory = c.get("memory", {})
         mem = memory.get("4096") or (memory[max(memory, key=int)] if memory else {})
         d = _load(out, "data_throughput", preset) or {}
+        e = _load(out, "evaluate_throughput", preset) or {}
         cells = [
             preset,
             _fmt(ratios.get("eager"), ".3f"),
@@ -170,6 +177,8 @@ def table(out: Path, presets: list[str]) -> str:
             _fmt(c.get("amortised", {}).get("100"), ".4f"),
             _fmt(mem.get("ratio"), ".3f"),
             _fmt(d.get("headroom"), ",.0f"),
+            _fmt(e.get("ppl_tokens_per_s", {}).get("none"), ",.0f"),
+            _fmt(e.get("niah_samples_per_s", {}).get("none"), ",.1f"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -11,7 +11,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE_SH = REPO / "benchmarks" / "gpu_suite.sh"
-STEPS = ("vscale_overhead", "launcher_vs_loop", "collector_overhead", "data_throughput", "engine_phases")
+STEPS = (
+    "vscale_overhead",
+    "launcher_vs_loop",
+    "collector_overhead",
+    "data_throughput",
+    "engine_phases",
+    "evaluate_throughput",
+)
 
 
 def _run_suite(tmp_path: Path, *flags: str, python: str = sys.executable, timeout: int = 900):
@@ -52,6 +59,8 @@ def test_suite_runs_every_benchmark_and_prints_their_numbers_last(tmp_path):
     assert row[6] == f"{results['launcher_vs_loop']['ratio']:.3f}"
     assert row[7] == f"{results['collector_overhead']['ratio_idle']:.4f}"
     assert row[11] == f"{results['data_throughput']['headroom']:,.0f}"
+    assert row[12] == f"{results['evaluate_throughput']['ppl_tokens_per_s']['none']:,.0f}"
+    assert row[13] == f"{results['evaluate_throughput']['niah_samples_per_s']['none']:,.1f}"
     assert summary["table"].splitlines()[-1] == proc.stdout.strip().splitlines()[-1]
 
 
@@ -71,7 +80,7 @@ def test_suite_skips_what_needs_a_module_that_does_not_import_and_runs_the_rest(
     summary = json.loads((out / "suite.json").read_text())
     status = {s["name"]: s for s in summary["steps"]}
     assert status["vscale_overhead"]["status"] == status["collector_overhead"]["status"] == "ok", summary["steps"]
-    for name in ("launcher_vs_loop", "data_throughput", "engine_phases"):
+    for name in ("launcher_vs_loop", "data_throughput", "engine_phases", "evaluate_throughput"):
         assert status[name]["status"] == "skipped", status[name]
         assert "datasets (ModuleNotFoundError: No module named 'pyarrow')" in status[name]["reason"], status[name]
     assert summary["environment"]["missing"] == {"datasets": "ModuleNotFoundError: No module named 'pyarrow'"}
