@@ -109,8 +109,8 @@ def test_suite_skips_what_its_budget_cannot_fit_and_says_so(tmp_path):
     summary = json.loads((out / "suite.json").read_text())
     assert {s["status"] for s in summary["steps"]} == {"skipped"}
     assert all("budget" in s["reason"] for s in summary["steps"])
-    assert "[suite] 0/5 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
-    assert _row(proc.stdout)[1:] == ["-"] * 11
+    assert "[suite] 0/6 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
+    assert _row(proc.stdout)[1:] == ["-"] * 13
 
 
 def test_suite_without_dependencies_or_wheels_exits_2_and_names_the_wheel_script(tmp_path):
