@@ -5,7 +5,8 @@ Each attention layer gets a :class:`~vscale_plugin.ops.VScale` submodule named `
 ``v_proj`` that passes the projection's output through it. Values are therefore scaled per KV head, before the
 KV cache and whichever attention kernel the model uses (eager, sdpa, flash, flex): the attention code
 itself is never replaced. Original state-dict keys are untouched; every mode adds ``...self_attn.vscale.theta`` (a
-parameter in learned mode, a buffer frozen at 0 in fixed and backward mode).
+parameter in learned mode, a buffer frozen at 0 in fixed and backward mode). ``save_pretrained`` of a V-scaled instance
+also writes the code that loads it V-scaled in plain transformers (``trust_remote_code=True``; see ``remote_code.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from vscale_plugin.hf.registry import architecture_of, attention_layers, value_projection
+from vscale_plugin.hf.remote_code import SaveWithRemoteCode
 from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, Kernel, Mode, VScale, check_kernel
 
 CONFIG_KEY = "vscale"
@@ -80,6 +82,11 @@ def apply_vscale(
             f"model already has V-scale {getattr(config, CONFIG_KEY, None)}; call vscale_plugin.remove_vscale(model) "
             f"before applying {wanted}"
         )
+    if any(hasattr(attn, CONFIG_KEY) for attn in attention_layers(model)):
+        raise ValueError(
+            f"{type(model).__name__} already has V-scale of its own (loaded with trust_remote_code=True?); load the "
+            "checkpoint with vscale_plugin.from_pretrained(path) to use it with vscale_plugin"
+        )
     head_dim_default = config.hidden_size // config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for attn in attention_layers(model):
@@ -98,6 +105,9 @@ def apply_vscale(
         attn.add_module(CONFIG_KEY, vscale)
         v_proj.register_forward_hook(ValueHook(vscale))
     setattr(config, CONFIG_KEY, wanted)
+    if hasattr(type(model), "save_pretrained"):
+        # Its checkpoints then load V-scaled with plain transformers too (trust_remote_code=True; hf/remote_code.py).
+        model.save_pretrained = SaveWithRemoteCode(model)
     return model
 
 
@@ -129,6 +139,8 @@ def remove_vscale(model: nn.Module) -> nn.Module:
             for key in [k for k, hook in v_proj._forward_hooks.items() if isinstance(hook, ValueHook)]:
                 del v_proj._forward_hooks[key]
             del attn._modules[CONFIG_KEY]
+        if isinstance(vars(model).get("save_pretrained"), SaveWithRemoteCode):
+            del model.save_pretrained
     if hasattr(model, "config"):
         setattr(model.config, CONFIG_KEY, None)
     return model
@@ -162,7 +174,8 @@ def from_pretrained(pretrained_model_name_or_path: str, *model_args: Any, **hf_k
     """``AutoModelForCausalLM.from_pretrained`` that restores V-scale (mode, sigma and theta) when the checkpoint's
     config has a ``vscale`` entry. Without it, this is exactly ``AutoModelForCausalLM.from_pretrained``.
 
-    This is the one door for V-scale checkpoints: plain transformers loading would drop theta.
+    It returns the plain transformers class; ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
+    builds the same model as a ``VScale<Base>`` subclass without vscale_plugin, plain loading without it drops theta.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
