@@ -248,3 +248,66 @@ def test_apply_vscale_refuses_a_remote_code_model(tmp_path):
     remote = _remote_load(_save_vscaled(tmp_path))
     with pytest.raises(ValueError, match=r"vscale_plugin\.from_pretrained"):
         vsp.apply_vscale(remote)
+
+
+def _word_tokenizer(directory: Path):
+    """A word-level tokenizer over the local task's words, saved to ``directory``: what HFLM loads beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vscale_plugin.evaluate import harness
+
+    docs = [json.loads(line) for line in (harness.LOCAL_TASKS_DIR / f"{harness.LOCAL_TASK}.jsonl").open()]
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator([" ".join([d["question"], *d["choices"]]) for d in docs],
+                              trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")  # fmt: skip
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+_LM_EVAL_WITHOUT_PLUGIN = _WITHOUT_PLUGIN + "from lm_eval.__main__ import cli_evaluate\ncli_evaluate()\n"
+
+
+def _samples(output_path: Path, task: str) -> list[float]:
+    (path,) = output_path.rglob(f"samples_{task}_*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    # lm-eval writes each (loglikelihood, is_greedy) response as strings
+    return [float(resp[0]) for s in sorted(lines, key=lambda s: s["doc_id"]) for resp in s["filtered_resps"]]
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_evaluates_the_vscaled_model_without_vscale_plugin(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra")
+    from vscale_plugin.evaluate import harness
+
+    d = tmp_path / "vscaled"
+    tokenizer = _word_tokenizer(d)
+    model = randomise_theta(vsp.apply_vscale(tiny_model("llama", vocab_size=len(tokenizer), seed=3)))
+    model.save_pretrained(d)
+    tasks = harness.local_tasks(tmp_path / "tasks")
+    out = tmp_path / "lm_eval_out"
+    args = ["--model", "hf", "--model_args", f"pretrained={d},trust_remote_code=True", "--tasks", harness.LOCAL_TASK,
+            "--include_path", str(tasks), "--batch_size", "4", "--device", "cpu", "--output_path", str(out),
+            "--log_samples"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _LM_EVAL_WITHOUT_PLUGIN, *args], cwd=tmp_path,
+                          env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = out.rglob("results_*.json")
+    cli_acc = json.loads(results_file.read_text())["results"][harness.LOCAL_TASK]["acc,none"]
+    cli = _samples(out, harness.LOCAL_TASK)
+    assert len(cli) == 4 * 32
+
+    def in_process(model):
+        results = harness.harness_results(model, tokenizer, [harness.LOCAL_TASK], batch_size=4, log_samples=True)
+        samples = sorted(results["samples"][harness.LOCAL_TASK], key=lambda s: s["doc_id"])
+        logliks = [resp[0] for s in samples for resp in s["filtered_resps"]]
+        return logliks, results["results"][harness.LOCAL_TASK]["acc,none"]
+
+    loaded = vsp.from_pretrained(d).eval()
+    expected, expected_acc = in_process(loaded)
+    assert cli == pytest.approx(expected, abs=1e-5) and cli_acc == expected_acc
+    without, _ = in_process(vsp.remove_vscale(loaded))
+    assert sum(abs(a - b) > 1e-3 for a, b in zip(cli, without, strict=True)) > len(cli) // 2, "not the V-scaled model"
