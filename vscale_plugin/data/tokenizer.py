@@ -50,6 +50,7 @@ class Tokenizer:
         eos_id: int,
         encode_batch: Callable[[list[str]], list[list[int]]],
         decode: Callable[[list[int]], str] | None = None,
+        save: Callable[[Path], None] | None = None,
     ) -> None:
         if not 0 <= eos_id < vocab_size:
             raise DataError(
@@ -61,6 +62,7 @@ class Tokenizer:
         self.eos_id = eos_id
         self._encode_batch = encode_batch
         self._decode = decode
+        self._save = save
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS or EOS."""
@@ -80,6 +82,15 @@ class Tokenizer:
         if self._decode is None:
             raise DataError(f"tokenizer {self.name} has no text: its tokens decode to nothing")
         return self._decode([int(i) for i in ids])
+
+    def save_pretrained(self, directory: str | Path) -> bool:
+        """Write this tokenizer into ``directory`` as one ``transformers.AutoTokenizer.from_pretrained(directory)``
+        loads, encoding text to the same ids as :meth:`encode` (with ``add_special_tokens=False``: the HF tokenizer's
+        own BOS, if it has one, is its own). False, and nothing written, for a tokenizer without text."""
+        if self._save is None:
+            return False
+        self._save(Path(directory))
+        return True
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -132,7 +143,40 @@ def _sentencepiece(path: Path, name: str | None = None) -> Tokenizer:
     def decode(ids: list[int]) -> str:
         return processor.decode(ids)
 
-    return Tokenizer(name or path.name, processor.get_piece_size(), processor.eos_id(), encode_batch, decode)
+    def save(directory: Path) -> None:
+        sentencepiece_as_transformers(path).save_pretrained(directory)
+
+    return Tokenizer(name or path.name, processor.get_piece_size(), processor.eos_id(), encode_batch, decode, save)
+
+
+def sentencepiece_as_transformers(path: Path):
+    """The SentencePiece model ``path`` as a transformers fast tokenizer (``tokenizer.json``) with its ids: the
+    SentencePiece normaliser, dummy prefix and byte fallback, EOS its EOS piece, no BOS added.
+
+    Two differences from a plain conversion keep the ids equal to ``SentencePieceProcessor.encode`` on any text:
+    SentencePiece never matches its control, unknown and byte pieces (``</s>``, ``<unk>``, ``<0x41>``) in the text,
+    so here they are never chosen by the Viterbi search either (a score far below any normal piece's) and the
+    special tokens are not split out of the text (``split_special_tokens``). What stays: a unigram model's equally
+    scored segmentations may be broken differently (not seen on the smoke corpus)."""
+    import sentencepiece
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    proto = SentencePieceExtractor(str(path)).proto
+    normal = 1  # sentencepiece_model.proto: ModelProto.SentencePiece.Type.NORMAL
+    pieces = [(p.piece, p.score if p.type == normal else -1e6) for p in proto.pieces]
+    unigram = proto.trainer_spec.model_type == 1
+    vocab = pieces if unigram else {piece: i for i, (piece, _) in enumerate(pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    unk = processor.unk_id()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=processor.id_to_piece(processor.eos_id()),
+        unk_token=processor.id_to_piece(unk) if unk >= 0 else None,
+        bos_token=None,
+        split_special_tokens=True,
+    )
 
 
 def _hugging_face(spec: str, label: str) -> Tokenizer:
@@ -167,7 +211,10 @@ def _hugging_face(spec: str, label: str) -> Tokenizer:
     def decode(ids: list[int]) -> str:
         return hf.decode(ids, skip_special_tokens=True)
 
-    return Tokenizer(spec, len(hf), hf.eos_token_id, encode_batch, decode)
+    def save(directory: Path) -> None:
+        hf.save_pretrained(directory)
+
+    return Tokenizer(spec, len(hf), hf.eos_token_id, encode_batch, decode, save)
 
 
 def _smoke_tokenizer(cache_dir: Path) -> Tokenizer:

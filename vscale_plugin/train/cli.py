@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_dir", default=None, help="DeepSpeed checkpoints (default: checkpoints/<run_name>)")
     p.add_argument("--save_every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument(
+        "--export_every",
+        type=int,
+        default=0,
+        help="steps between exports of <save_dir>/hf/, a Hugging Face directory of the model, its tokenizer and "
+        "generation config (0: only at the end, with the last checkpoint)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the latest checkpoint in --save_dir: model, optimiser, schedule, data, RNG, MLflow run",
@@ -154,12 +161,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.stats_every = preset.default_stats_every(args.max_steps or preset.max_steps)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise UsageError(f"--stop_after_steps {args.stop_after_steps}: must be >= 1")
+    for flag in ("save_every", "export_every"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 0 (0: only at the end)")
     if args.no_checkpoint:
-        clash = [f for f, on in (("--save_every", args.save_every), ("--resume", args.resume),
+        # --no_checkpoint writes nothing at all: neither DeepSpeed checkpoints nor the hf/ export.
+        clash = [f for f, on in (("--save_every", args.save_every), ("--export_every", args.export_every),
+                                 ("--resume", args.resume),
                                  ("--stop_after_steps", args.stop_after_steps is not None)) if on]  # fmt: skip
         if clash:
-            raise UsageError(f"--no_checkpoint writes no checkpoint, so {' and '.join(clash)} cannot be used with it; "
-                             "drop one of them")  # fmt: skip
+            raise UsageError(f"--no_checkpoint writes no checkpoint and no hf/ export, so {' and '.join(clash)} "
+                             "cannot be used with it; drop one of them")  # fmt: skip
     if args.resume and args.save_dir is None:
         raise UsageError("--resume needs --save_dir DIR: the directory of the run to continue")
     return args
@@ -224,6 +236,7 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         stop_after_steps=args.stop_after_steps,
         save_dir=save_dir,
         save_every=args.save_every,
+        export_every=args.export_every,
         resume=args.resume,
         checkpoint=not args.no_checkpoint,
         experiment=args.experiment or recorded.get("experiment") or DEFAULT_EXPERIMENT,

@@ -36,8 +36,9 @@ class RunConfig:
     # where
     save_dir: Path
     save_every: int  # 0: only at the end
+    export_every: int  # steps between exports of save_dir/hf/ (0: only at the end)
     resume: bool
-    checkpoint: bool  # False under --no_checkpoint: nothing is written, not even at the end
+    checkpoint: bool  # False under --no_checkpoint: nothing is written (no checkpoint, no hf/), not even at the end
     experiment: str
     run_name: str
 

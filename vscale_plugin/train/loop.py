@@ -1,5 +1,5 @@
 """The training loop: optimiser steps up to --max_steps (or --stop_after_steps, or a stop request), evaluation, the
-statistics, metric logging, checkpoints on the way and at the end, and the throughput summary."""
+statistics, metric logging, checkpoints and hf/ exports on the way and at the end, and the throughput summary."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import warnings
 
 import torch
 
-from vscale_plugin.data import Batches
+from vscale_plugin.data import Batches, Tokenizer
 from vscale_plugin.launch.distributed import mean_over_ranks
 from vscale_plugin.stats import StatsCollector
 from vscale_plugin.tracking import RunLogger
 from vscale_plugin.train.checkpoint import save_checkpoint
 from vscale_plugin.train.config import RunConfig
+from vscale_plugin.train.export import HF_DIR, export_hf
 from vscale_plugin.train.mlflow_run import log_profiles
 from vscale_plugin.train.stop import StopRequest
 from vscale_plugin.train.throughput import count_flops_per_token, peak_flops, summary
@@ -33,9 +34,11 @@ def train(
     logger: RunLogger | None,
     start_step: int,
     stop: StopRequest,
+    tokenizer: Tokenizer,
 ) -> int:
     """Train from ``start_step`` to the step this invocation ends at (``config.end_after``), or to the step boundary
-    where ``stop`` is agreed; returns the step reached, checkpointed. ``logger`` is rank 0's (None elsewhere)."""
+    where ``stop`` is agreed; returns the step reached, checkpointed and exported to ``save_dir/hf/`` (with
+    ``tokenizer``). ``logger`` is rank 0's (None elsewhere)."""
     recipe, device = config.recipe, engine.device
     accum = engine.gradient_accumulation_steps()
     tokens_per_step = recipe.global_batch * recipe.seq_len
@@ -56,6 +59,7 @@ def train(
     step = start_step
     # The step the latest checkpoint holds, so that the last one is not written twice.
     saved = start_step if config.resume else None
+    exported = None  # the step save_dir/hf/ holds, written by this invocation
     warned = False
     metrics: dict[str, float] = {}
     timings: list[tuple[float, float | None]] = []  # (step_s, mfu) of each step of this invocation
@@ -107,6 +111,11 @@ def train(
         if config.save_every and step % config.save_every == 0 and step != end:
             save_checkpoint(engine, config, rank, step, data, logger.run_id if logger else None)
             saved = step
+        if config.export_every and step % config.export_every == 0 and step != end:
+            export_hf(engine, config.save_dir, rank, tokenizer, config.dataset)
+            exported = step
+            if progress is not None:
+                progress.write(f"step {step}: Hugging Face model in {config.save_dir / HF_DIR}")
     if progress is not None:
         progress.close()
     if rank == 0:
@@ -118,10 +127,15 @@ def train(
         return step
     if saved != step:
         save_checkpoint(engine, config, rank, step, data, logger.run_id if logger is not None else None)
+    # After the checkpoint: a stop that leaves no time for the export still leaves a run to resume.
+    if exported != step:
+        export_hf(engine, config.save_dir, rank, tokenizer, config.dataset)
     if rank == 0:
         again = f"; continue it with --resume --save_dir {config.save_dir}" if signalled else ""
         print(f"stopped at step {step}/{recipe.max_steps}{signalled}; checkpoint in {config.save_dir}{again}",
               flush=True)  # fmt: skip
+        untokenized = "" if tokenizer.has_text else f"; no tokenizer: {config.dataset} has no text"
+        print(f"Hugging Face model of step {step} in {config.save_dir / HF_DIR}{untokenized}", flush=True)
     return step
 
 

@@ -56,7 +56,7 @@ def run(argv: list[str] | None = None) -> int:
             logger = open_run(config, model, run_id) if rank == 0 else None
             status = None  # a run that stops early without a signal (--stop_after_steps) stays RUNNING for --resume
             try:
-                step = train(engine, scheduler, config, rank, data, eval_data, logger, start_step, stop)
+                step = train(engine, scheduler, config, rank, data, eval_data, logger, start_step, stop, tokenizer)
                 if step >= config.recipe.max_steps:
                     status = "FINISHED"
                 elif stop.stopped_by:
