@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import vscale_plugin as vsp
 from benchmarks.common import emit, machine, sync
 from vscale_plugin.launch.distributed import distributed, exit_after_distributed
-from vscale_plugin.train.engine import param_groups
 from vscale_plugin.train.recipe import PRESETS, llama_config
 
 PHASES = ("forward", "backward", "step")
@@ -74,7 +73,7 @@ def measure(args: argparse.Namespace) -> dict:
     del base
 
     def adamw(model):
-        groups = param_groups(model, preset.weight_decay)
+        groups = vsp.decay_parameter_groups(model, preset.weight_decay)
         return torch.optim.AdamW(groups, lr=preset.lr, betas=preset.betas, eps=preset.eps, fused=True)
 
     optimizer = adamw(plain)

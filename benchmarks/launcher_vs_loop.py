@@ -39,7 +39,6 @@ import vscale_plugin as vsp
 from benchmarks.common import emit, machine, sync
 from vscale_plugin.data import TOKENIZER_CACHE, PackedBatches, build_tokenizer
 from vscale_plugin.testing.distributed import deepspeed_executable, free_port
-from vscale_plugin.train.engine import param_groups
 from vscale_plugin.train.model import new_model
 from vscale_plugin.train.recipe import PRESETS, llama_config
 from vscale_plugin.train.schedule import lr_lambda
@@ -117,7 +116,7 @@ def run_loop(args: argparse.Namespace, cache_dir: Path) -> dict:
     model = new_model(config, seed=0, attn_implementation=args.attn_implementation)  # the launcher's init (--seed 0)
     model = vsp.apply_vscale(model, sigma=preset.init_std).to(device).train()
     model.config.use_cache = False
-    groups = param_groups(model, preset.weight_decay)
+    groups = vsp.decay_parameter_groups(model, preset.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=preset.lr, betas=preset.betas, eps=preset.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(preset))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)

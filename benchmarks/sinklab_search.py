@@ -19,7 +19,6 @@ import torch
 
 import vscale_plugin as vsp
 from vscale_plugin.data.bigram_backcopy import BigramBackcopy, BigramBackcopyBatches
-from vscale_plugin.train.engine import param_groups
 from vscale_plugin.train.model import new_model
 from vscale_plugin.train.recipe import Preset, llama_config
 from vscale_plugin.train.schedule import lr_lambda
@@ -57,8 +56,8 @@ def main() -> None:
     model = new_model(llama_config(preset, task.vocab_size, 0), args.seed, "eager")
     if args.vscale != "off":
         vsp.apply_vscale(model, mode=args.vscale)
-    optimiser = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=preset.betas,
-                                  eps=preset.eps)  # fmt: skip
+    groups = vsp.decay_parameter_groups(model, args.weight_decay)
+    optimiser = torch.optim.AdamW(groups, lr=args.lr, betas=preset.betas, eps=preset.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_lambda(preset))
     data = BigramBackcopyBatches(args.dataset, args.seq_len, args.batch, seed=args.seed)
     probe = BigramBackcopyBatches(args.dataset, args.seq_len, 32, seed=args.seed, split="eval").batch(0, 1)

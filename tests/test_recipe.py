@@ -6,7 +6,6 @@ import pytest
 
 import vscale_plugin as vsp
 from vscale_plugin.testing.models import tiny_model
-from vscale_plugin.train.engine import param_groups
 from vscale_plugin.train.recipe import PRESETS, llama_config
 from vscale_plugin.train.schedule import lr_lambda
 
@@ -44,7 +43,7 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
 
 def test_weight_decay_spares_norms_biases_and_theta():
     model = vsp.apply_vscale(tiny_model("qwen2"))  # qwen2 has q/k/v biases
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = vsp.decay_parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     spared = {names[id(p)] for p in no_decay["params"]}

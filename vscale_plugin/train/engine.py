@@ -7,27 +7,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from vscale_plugin.hf.decay import decay_parameter_groups
 from vscale_plugin.launch.ops import load_op
 from vscale_plugin.train.recipe import Preset
 from vscale_plugin.train.schedule import lr_lambda
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on norms, biases or V-scale's theta (the paper's recipe)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions report their full shape here
-        (no_decay if len(shape) < 2 or "vscale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_engine(model: nn.Module, recipe: Preset, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` of ``model`` with the recipe's AdamW and schedule; returns (engine, scheduler)."""
     import deepspeed
 
-    groups = param_groups(model, recipe.weight_decay)
+    groups = decay_parameter_groups(model, recipe.weight_decay)  # norms, biases and theta spared
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
