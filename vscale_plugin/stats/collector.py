@@ -78,7 +78,8 @@ def _padded_to(x: torch.Tensor, n: int) -> torch.Tensor:
 class StatsCollector:
     """Collects the SPEC section 4 metrics over one optimiser step every ``every`` steps.
 
-    ``model_or_engine``: a Hugging Face decoder, the same wrapped in DistributedDataParallel, or a DeepSpeed engine.
+    ``model_or_engine``: a Hugging Face decoder, the same wrapped in DistributedDataParallel, a DeepSpeed engine (what
+    ``accelerator.prepare`` returns under DeepSpeed) or Accelerate's ``DeepSpeedEngineWrapper`` around one.
     With an engine, parameter gradients are read through ``deepspeed.utils.safe_get_full_grad`` right after the
     boundary micro-batch's backward (before clipping and the optimiser step), identical under ZeRO 0-3.
     ``distributed=False`` keeps the statistics of this process only. ``quant_readiness=False`` leaves out the ``qr/``
@@ -91,6 +92,8 @@ class StatsCollector:
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: the collector runs every N >= 1 optimiser steps")
+        if _is_engine(getattr(model_or_engine, "engine", None)):
+            model_or_engine = model_or_engine.engine  # Accelerate's DeepSpeedEngineWrapper
         self.target = model_or_engine
         self.model = _unwrap(model_or_engine)
         self.layers = layer_parts(self.model)
@@ -107,6 +110,10 @@ class StatsCollector:
         self._scratch: list[dict[str, torch.Tensor]] = []
         self._mask: torch.Tensor | None = None
         self._rows: Rows | None = None
+        self._step: int | None = None
+        self._handles: list[Any] | None = None
+        self._restore_backward = None
+        self._grads_read = False
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -114,28 +121,76 @@ class StatsCollector:
     @contextlib.contextmanager
     def capture(self, step: int) -> Iterator[None]:
         """Wrap every micro-batch of optimiser step ``step``; does nothing (no hooks) unless the step is due."""
+        self.start(step)
+        try:
+            yield
+        except BaseException:
+            self._release()
+            raise
+        self.stop()
+
+    def start(self, step: int) -> bool:
+        """Begin optimiser step ``step`` (the form of :meth:`capture` for loops that are not a ``with`` block).
+
+        Hooks are installed only when the step is due; returns whether it is. Every micro-batch's forward and backward
+        until :meth:`stop` belongs to this step. With a DeepSpeed engine (or Accelerate's ``DeepSpeedEngineWrapper``
+        around it, which runs backward and step in one call) the parameter gradients are read inside the boundary
+        micro-batch's ``engine.backward``, before the engine's step.
+        """
+        if self.active:
+            raise RuntimeError(
+                f"StatsCollector.start({step}): step {self._step} is still being captured; call stop() first"
+            )
         self._result, self._profiles = {}, {}
         if not self.due(step):
-            yield
-            return
+            return False
+        self._step = step
         self._sums = [{} for _ in self.layers]
         self._counts = torch.zeros(PROFILE + 1, dtype=torch.float64)
         self._capture_token = object()
         self._scratch = [{} for _ in self.layers]
         self._param_norms, self._mask, self._rows = {}, None, None
-        handles = self._install()
-        restore_backward = self._wrap_engine_backward() if _is_engine(self.target) else None
+        self._grads_read = False
+        self._handles = self._install()
+        self._restore_backward = self._wrap_engine_backward() if _is_engine(self.target) else None
+        return True
+
+    def stop(self) -> dict[str, float]:
+        """End the step begun by :meth:`start` and return its metrics (``{}`` when it was not due).
+
+        Data-parallel aggregation is a collective: every rank calls ``stop`` for a due step. Without an engine the
+        parameter gradients are read here (or earlier, by :meth:`read_parameter_gradients`), so call it before the
+        optimiser's ``zero_grad``.
+        """
+        if not self.active:
+            return self.result()
         try:
-            yield
-            if restore_backward is None:
-                self._read_param_grads()
+            if not self._grads_read:
+                self.read_parameter_gradients()
             self._finish()
         finally:
-            for handle in handles:
-                handle.remove()
-            if restore_backward is not None:
-                restore_backward()
-            self._scratch, self._rows = [], None
+            self._release()
+        return self.result()
+
+    @property
+    def active(self) -> bool:
+        """Whether a due step is being captured (between :meth:`start` and :meth:`stop`)."""
+        return self._handles is not None
+
+    def read_parameter_gradients(self) -> None:
+        """Record the parameter-gradient norms now: for loops that clip or zero gradients before :meth:`stop` (a
+        DeepSpeed engine needs no call; the collector reads them inside its boundary backward)."""
+        if self.active and self._restore_backward is None:
+            self._read_param_grads()
+            self._grads_read = True
+
+    def _release(self) -> None:
+        for handle in self._handles or []:
+            handle.remove()
+        if self._restore_backward is not None:
+            self._restore_backward()
+        self._handles, self._restore_backward = None, None
+        self._scratch, self._rows = [], None
 
     def result(self) -> dict[str, float]:
         """The metrics of the last capture (every rank gets the same dict); ``{}`` when that step was not due."""
