@@ -20,6 +20,7 @@ from vscale_plugin.testing.tokenizers import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+import accelerate_loop  # noqa: E402
 import hf_trainer  # noqa: E402
 
 # Whole-tensor qr/ statistics are per forward call (one micro-batch), averaged over the step: not a global-batch value.
@@ -236,3 +237,15 @@ def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path
     for key in logs[2]:
         if key not in TRAINER_KEYS:
             assert {m.step for m in client.get_metric_history(run.info.run_id, key)} == {2, 4}, key
+
+
+def test_accelerate_loop_example_logs_due_steps_only(model_dir):
+    argv = ["--model", str(model_dir), "--data", str(model_dir / "data.jsonl"), "--every", "2", "--max_steps", "4",
+            "--grad_accum", "2", "--batch_size", "2", "--seq_len", "48"]  # fmt: skip
+    records = accelerate_loop.main(argv)
+    model = vsp.apply_vscale(AutoModelForCausalLM.from_pretrained(model_dir))
+    keys = set(vsp.measure(model, torch.randint(3, 300, (2, 16))))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert set(records[0]) == set(records[2]) == {"step", "loss"}
+    for record in (records[1], records[3]):
+        assert keys <= set(record) and all(torch.isfinite(torch.tensor(record[k])) for k in keys)
