@@ -61,3 +61,18 @@ def test_engine_phases_times_each_phase_of_both_arms(tmp_path):
         assert set(last["median_s"][arm]) == {"forward", "backward", "step"}
         assert last["total_s"][arm] == sum(last["median_s"][arm].values()) > 0
     assert last["ratio"] == last["total_s"]["deepspeed"] / last["total_s"]["plain"] and last["zero_stage"] == 2
+
+
+def test_trainer_callback_reports_ratios_to_the_plain_trainer(tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "trainer_callback.py"), "--steps", "5", "--every", "2", "--rounds", "1",
+         "--hidden", "32", "--layers", "1", "--seq_len", "32", "--batch", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == json.loads(out.read_text())
+    assert last["steps_per_arm"] == 5 and last["every"] == 2
+    for key in ("idle_callback_ratio", "non_capture_step_ratio", "capture_step_ratio", "amortised_ratio"):
+        assert last[key] > 0, key
