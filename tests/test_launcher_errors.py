@@ -189,7 +189,9 @@ def test_save_dir_holding_a_checkpoint_without_resume_exits_2_and_leaves_it_unto
     assert sorted(p.name for p in save_dir.rglob("*")) == entries_before
 
 
-@pytest.mark.parametrize("flags", [("--save_every", "5"), ("--resume",), ("--stop_after_steps", "3")])
+@pytest.mark.parametrize(
+    "flags", [("--save_every", "5"), ("--export_every", "5"), ("--resume",), ("--stop_after_steps", "3")]
+)
 def test_no_checkpoint_with_a_checkpoint_flag_exits_2_and_names_both(tmp_path: Path, cache_dir: Path, flags) -> None:
     save_dir = tmp_path / "run"
     proc = _launch(tmp_path, cache_dir, "--ds_config", ZERO2, "--save_dir", save_dir, "--no_checkpoint", *flags)

@@ -18,9 +18,9 @@ from vscale_plugin.train.config import RunConfig
 # What a run is, recorded with its checkpoints, each with the flag that sets it: a --resume that differs in any of these
 # is refused, since it would continue another run under this one's name (another --seq_len or batch size in the same
 # MLflow run), or fail inside torch or DeepSpeed (another model, ZeRO stage or number of ranks). Every other flag may
-# change between invocations: --stop_after_steps, --save_every, --log_every, --eval_every and --stats_every say when
-# to stop, save, log and measure; --attn_implementation, --activation_checkpointing and --vscale_kernel how a step is
-# computed, not what it computes.
+# change between invocations: --stop_after_steps, --save_every, --export_every, --log_every, --eval_every and
+# --stats_every say when to stop, save, export, log and measure; --attn_implementation, --activation_checkpointing
+# and --vscale_kernel how a step is computed, not what it computes.
 RESUME_SETTINGS = {
     "preset": "--preset",
     "init_from": "--init_from",
