@@ -85,7 +85,13 @@ def build_trainer(args: argparse.Namespace, callbacks: Sequence = ()) -> VScaleT
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    # After TrainingArguments, so that under ZeRO-3 the model is built partitioned (transformers' HfDeepSpeedConfig).
+    # After TrainingArguments, so that under ZeRO-3 the model is built partitioned (transformers' HfDeepSpeedConfig),
+    # and after DeepSpeed knows the process group, so that zero.Init partitions over every rank.
+    if args.ds_config:
+        import deepspeed
+
+        _ = training.device  # the process group, made by Accelerate
+        deepspeed.init_distributed()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.vscale != "off":
         vsp.apply_vscale(model, mode=args.vscale)  # vscale-plugin: before the Trainer builds its optimizer

@@ -213,7 +213,7 @@ def test_start_stop_equals_capture_and_measure(model_dir):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", ["zero2"])
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path, zero):
     record = tmp_path / "record"
     record.mkdir()
