@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from vscale_plugin.hf.decay import no_decay_parameter_names
 from vscale_plugin.hf.registry import layer_parts
 from vscale_plugin.stats.collector import StatsCollector
 
@@ -125,13 +126,6 @@ class GradientSinkCallback(TrainerCallback):
         mlflow = sys.modules.get("mlflow")
         if mlflow is not None and mlflow.active_run() is not None:
             mlflow.log_artifact(str(path), artifact_path="gradient_profiles")
-
-
-def no_decay_parameter_names(model: nn.Module) -> list[str]:
-    """See :func:`vscale_plugin.no_decay_parameter_names` (theta, biases, norms)."""
-    import vscale_plugin
-
-    return vscale_plugin.no_decay_parameter_names(model)
 
 
 def without_vscale_decay(decay_names: list[str], model: nn.Module) -> list[str]:
