@@ -81,16 +81,17 @@ def main(argv: list[str] | None = None) -> dict:
         "capturing": lambda: GradientSinkCallback(every=args.every),
     }
     times: dict[str, list[float]] = {name: [] for name in arms}
-    captured: list[float] = []
+    captured: list[float] = []  # the capturing arm's due steps
+    capture_free: list[float] = []  # and its other steps
     with tempfile.TemporaryDirectory() as work:
         for _ in range(args.rounds):
             for name, make in arms.items():
                 steps = run_arm(args, state, config, make(), Path(work))
                 times[name] += steps
-                if name == "capturing":  # steps 2..N; step s is at index s - 2
-                    captured += [t for i, t in enumerate(steps) if (i + 2) % args.every == 0]
+                if name == "capturing":
+                    for step, t in enumerate(steps, start=2):  # run_arm drops step 1
+                        (captured if step % args.every == 0 else capture_free).append(t)
     plain = statistics.median(times["plain"])
-    capture_free = [t for i, t in enumerate(times["capturing"]) if (i % (args.steps - 1) + 2) % args.every]
     result = {
         "benchmark": "trainer_callback",
         "machine": machine(device),
