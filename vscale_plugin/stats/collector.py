@@ -205,7 +205,11 @@ class StatsCollector:
     def _install(self) -> list[Any]:
         # Pre-hooks go first (prepend): ZeRO-3's own pre-hooks swap module inputs for identity copies whose gradient
         # misses the residual path; ours must see (and for the q/k/v paths, replace) the tensors that really flow.
-        handles = [self.model.register_forward_pre_hook(self._model_inputs, with_kwargs=True, prepend=True)]
+        # The batch's mask and shape from the backbone (model.base_model, which owns the layers), not the causal-LM
+        # wrapper: TRL's fused LM head and Liger-Kernel's fused loss replace the wrapper's forward and call the
+        # backbone directly, so a hook on the wrapper would miss their calls and keep a previous micro-batch's rows.
+        backbone = getattr(self.model, "base_model", self.model)
+        handles = [backbone.register_forward_pre_hook(self._model_inputs, with_kwargs=True, prepend=True)]
         for i, parts in enumerate(self.layers):
             handles += [
                 parts.block.register_forward_pre_hook(partial(self._block_in, i), with_kwargs=True, prepend=True),
