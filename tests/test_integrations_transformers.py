@@ -73,8 +73,8 @@ def hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def recorded_trainer(argv: list[str], recorder: Recorder):
-    trainer = hf_trainer.build_trainer(hf_trainer.parse_args(argv), callbacks=[recorder])
+def recorded_trainer(argv: list[str], recorder: Recorder, example=hf_trainer):
+    trainer = example.build_trainer(example.parse_args(argv), callbacks=[recorder])
     step = trainer.training_step
 
     def training_step(model, inputs, *rest, **kwargs):
@@ -210,6 +210,68 @@ def test_start_stop_equals_capture_and_measure(model_dir):
     assert not collector.active and hook_count(model) == hooks
     reference = vsp.measure(model, ids)
     assert_close_to(got, reference)
+
+
+def test_loop_that_calls_the_backbone_itself_equals_measure(model_dir):
+    # Chunked-loss loops (Liger-Kernel's fused linear cross-entropy, TRL's fused LM head) run model.model and apply
+    # the head themselves: the causal-LM wrapper's forward never runs, yet each micro-batch must count.
+    model = vsp.apply_vscale(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    collector = vsp.StatsCollector(model, every=1)
+    collector.start(1)
+    for half in ids.chunk(2):
+        logits = model.lm_head(model.model(input_ids=half).last_hidden_state)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), half[:, 1:].flatten())
+        (loss / 2).backward()
+    assert_close_to(collector.stop(), vsp.measure(model, ids))
+
+
+TRL_KEYS = TRAINER_KEYS | {"entropy", "mean_token_accuracy", "num_tokens"}
+
+
+def test_trl_sft_trainer_builds_vscale_from_a_name_and_logs_measure_at_due_steps(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'vscale-plugin[trl]'")
+    import trl_sft
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trl-sft")
+    recorder = Recorder()
+    argv = example_args(model_dir, tmp_path / "out", "--precision", "fp32")
+    trainer = recorded_trainer(argv, recorder, example=trl_sft)
+    assert vsp.is_vscaled(trainer.model)  # SFTTrainer built it from the name, through patch_model_classes
+    assert not vsp.is_vscaled(AutoModelForCausalLM.from_pretrained(model_dir))  # and the classes are restored
+    theta = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".vscale." in n}
+    trainer.train()
+
+    logs = {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+    for step in (2, 4):
+        assert len(recorder.batches[step]) == 2
+        assert_close_to(logs[step], measured(model_dir, recorder.weights[step], recorder.batches[step]))
+    assert set(logs[1]) <= TRL_KEYS and set(logs[3]) <= TRL_KEYS
+    groups = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    for name, p in trainer.model.named_parameters():
+        if ".vscale." in name:
+            assert groups[id(p)] == 0.0 and not torch.equal(p.detach(), theta[name])
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("trl-sft").experiment_id])
+    for key in ("gs/ratio/L01", "as/mass/L00", "vscale/lambda/L01/H0"):
+        assert {m.step for m in client.get_metric_history(run.info.run_id, key)} == {2, 4}, key
+
+
+def test_trl_sft_example_under_its_default_bf16_autocast_gives_finite_statistics(model_dir, tmp_path):
+    pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'vscale-plugin[trl]'")
+    import trl_sft
+
+    trainer = trl_sft.build_trainer(trl_sft.parse_args(example_args(model_dir, tmp_path, "--report_to", "none")))
+    assert trainer.args.bf16
+    trainer.train()
+    (logged,) = [e for e in trainer.state.log_history if e.get("step") == 2 and "loss" in e]
+    keys = set(vsp.measure(trainer.model, torch.randint(3, 300, (2, 16)))) - set(PER_CALL)
+    assert keys <= set(logged)
+    assert all(torch.isfinite(torch.tensor(logged[k])) for k in keys)
 
 
 @pytest.mark.distributed
