@@ -23,17 +23,14 @@ sequences that start with BOS: sequences 0, 1, 2 do, 3 does not, so the two halv
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
 
 import vscale_plugin as vsp
-from vscale_plugin.launch.distributed import distributed, exit_after_distributed
 from vscale_plugin.stats import causal_lm_labels
+from vscale_plugin.testing.distributed import engine_config, worker_main
 from vscale_plugin.testing.models import tiny_model
 
 STAGES = (0, 1, 2, 3)
@@ -76,20 +73,6 @@ def full_batch() -> torch.Tensor:
     ids = torch.randint(3, VOCAB, (BATCH, SEQ_LEN), generator=gen)
     ids[:3, 0] = BOS
     return ids
-
-
-def ds_config(stage: int, world: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": GAS,
-        "train_batch_size": GAS * world,
-        "gradient_clipping": CLIP,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
-        "zero_optimization": {"stage": stage},
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def hook_count(model: torch.nn.Module) -> int:
@@ -162,7 +145,9 @@ def engine_step(engine, ids: torch.Tensor, rank: int, on_forward=None) -> list[f
 def stage(stage_: int, ids: torch.Tensor, rank: int, world: int) -> dict:
     model = build_model()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config(stage_, world)
+        model=model,
+        model_parameters=model.parameters(),
+        config=engine_config(stage_, 1, world, accumulation=GAS, lr=LR, clip=CLIP),
     )
     module = engine.module
     out: dict = {"zero_stage": engine.zero_optimization_stage(), "hooks_before": hook_count(module)}
@@ -195,22 +180,9 @@ def stage(stage_: int, ids: torch.Tensor, rank: int, world: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
-    args = parser.parse_args()
-
-    # The launcher's: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
-    with distributed():
-        work(args)
-    exit_after_distributed(0)
-
-
-def work(args: argparse.Namespace) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def work(out: Path, rank: int, world: int) -> dict:
     ids = full_batch()
-    res: dict = {"rank": rank, "world_size": world, "ids": ids.tolist()}
+    res: dict = {"ids": ids.tolist()}
     if rank == 0:
         res["reference"] = vsp.measure(build_model(), ids)
         res["padded_reference"] = vsp.measure(build_model(), *padded_batch(ids))
@@ -218,9 +190,8 @@ def work(args: argparse.Namespace) -> None:
     res["plain"] = plain(ids, rank)
     res["padded"] = padded(ids, rank)
     res["stages"] = {str(s): stage(s, ids, rank, world) for s in STAGES}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
-    dist.barrier()
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(work)

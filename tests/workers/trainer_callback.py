@@ -16,21 +16,13 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import hf_trainer
 
+from vscale_plugin.testing.distributed import full_state_dict
+
 out = Path(os.environ["VSP_RECORD_DIR"])
 args = hf_trainer.parse_args(sys.argv[1:])
 due = args.every  # the first captured step
 recorded: list[dict] = []
 state = {"recording": False}
-
-
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class Recorder(TrainerCallback):

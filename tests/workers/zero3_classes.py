@@ -9,8 +9,6 @@ checkpoint), and trained. Every rank writes what it saw to ``<out>/rank<R>.json`
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 import vscale_plugin as vsp
-from vscale_plugin.launch.distributed import distributed, exit_after_distributed
+from vscale_plugin.testing.distributed import engine_config, gathered, worker_main
 from vscale_plugin.testing.models import randomise_theta, tiny_config, tiny_model
 
 LR = 1e-2
@@ -29,24 +27,8 @@ MICRO_BATCH = 2
 SEQ_LEN = 16
 
 
-def ds_config(world_size: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": MICRO_BATCH * world_size,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-    }
-
-
 def thetas(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".vscale.theta" in n]
-
-
-def gathered(params: list[torch.nn.Parameter]) -> list[list[float]]:
-    with deepspeed.zero.GatheredParameters(params):
-        return [p.detach().float().cpu().tolist() for p in params]
 
 
 def theta_info(model: torch.nn.Module) -> list[dict]:
@@ -65,21 +47,10 @@ def observe(model: torch.nn.Module) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
-    args = parser.parse_args()
-    with distributed():
-        work(args)
-    exit_after_distributed(0)
-
-
-def work(args: argparse.Namespace) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = ds_config(world)
-    res: dict = {"rank": rank, "world_size": world}
-    plain_dir, vscale_dir = args.out / "plain", args.out / "vscaled"
+def work(out: Path, rank: int, world: int) -> dict:
+    cfg = engine_config(3, MICRO_BATCH, world, stage3_param_persistence_threshold=0)
+    res: dict = {}
+    plain_dir, vscale_dir = out / "plain", out / "vscaled"
     if rank == 0:  # written before ZeRO-3 is switched on: ordinary single-process models
         tiny_model("llama").save_pretrained(plain_dir)
         randomise_theta(vsp.apply_vscale(tiny_model("llama"))).save_pretrained(vscale_dir)
@@ -117,9 +88,8 @@ def work(args: argparse.Namespace) -> None:
     res["losses"] = losses
     res["theta_after_training"] = gathered(thetas(engine.module))
     res["all_finite"] = all(math.isfinite(x) for v in res["theta_after_training"] for x in v)
-    (args.out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
-    dist.barrier()
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(work)

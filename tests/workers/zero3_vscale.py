@@ -9,8 +9,6 @@ a single-process reference (same weights, no ZeRO, no DeepSpeed) for the loss an
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
@@ -21,32 +19,13 @@ from deepspeed.utils import safe_get_full_grad
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vscale_plugin as vsp
-from vscale_plugin.launch.distributed import distributed, exit_after_distributed
+from vscale_plugin.testing.distributed import engine_config, gathered, worker_main
 
 LR = 1e-2
 MICRO_BATCH = 2
 SEQ_LEN = 16
 VOCAB = 128
 NUM_KV_HEADS = 2
-
-
-def ds_config(world_size: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": MICRO_BATCH * world_size,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
-        "zero_optimization": {
-            "stage": 3,
-            # 0 makes even theta (2 elements) be fetched and released around every use, so the test exercises
-            # ZeRO-3's gathering of a parameter that lives in a module called from a forward hook.
-            "stage3_param_persistence_threshold": 0,
-        },
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def llama_config() -> LlamaConfig:
@@ -65,12 +44,6 @@ def llama_config() -> LlamaConfig:
 
 def thetas(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if "vscale" in n]
-
-
-def gathered(params: list[torch.nn.Parameter]) -> list[list[float]]:
-    """Full values of ZeRO-3 parameters (a collective: every rank must call it)."""
-    with deepspeed.zero.GatheredParameters(params):
-        return [p.detach().float().cpu().tolist() for p in params]
 
 
 def zero3_model(cfg: dict, seed: int) -> LlamaForCausalLM:
@@ -147,22 +120,11 @@ def reference(full_weights: dict[str, torch.Tensor], ids: torch.Tensor) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
-    args = parser.parse_args()
-
-    # The launcher's: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
-    with distributed():
-        work(args)
-    exit_after_distributed(0)
-
-
-def work(args: argparse.Namespace) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = ds_config(world)
-    res: dict = {"rank": rank, "world_size": world}
+def work(out: Path, rank: int, world: int) -> dict:
+    # stage3_param_persistence_threshold 0 makes even theta (2 elements) be fetched and released around every use, so
+    # the test exercises ZeRO-3's gathering of a parameter that lives in a module called from a forward hook.
+    cfg = engine_config(3, MICRO_BATCH, world, lr=LR, clip=1.0, stage3_param_persistence_threshold=0)
+    res: dict = {}
 
     engine = make_engine(cfg, seed=0)
     named = thetas(engine.module)
@@ -191,7 +153,7 @@ def work(args: argparse.Namespace) -> None:
         res["reference"] = reference(full_weights, ids)
 
     # Checkpoint round trip into a differently seeded model, so that nothing matches unless the load restores it.
-    ckpt = args.out / "ckpt"
+    ckpt = out / "ckpt"
     fixed = batch(seed=2)
     res["eval_loss_before_save"] = eval_loss(engine, fixed)
     engine.save_checkpoint(str(ckpt), tag="step1")
@@ -229,9 +191,8 @@ def work(args: argparse.Namespace) -> None:
     ]
 
     res["all_finite"] = all(math.isfinite(x) for v in res["theta_after_step"] for x in v)
-    (args.out / f"rank{rank}.json").write_text(json.dumps(res, indent=1))
-    dist.barrier()
+    return res
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(work)

@@ -11,8 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, NoReturn
 
 _TAIL_CHARS = 6000
 _GRACE_S = 15
@@ -132,3 +133,79 @@ def run_worker_ranks(worker: str | Path, out: Path, num_gpus: int = 2, timeout: 
     assert [r["rank"] for r in results] == list(range(num_gpus))
     assert all(r["world_size"] == num_gpus for r in results)
     return results
+
+
+# ---- the rank side of run_worker_ranks ----
+
+
+def worker_main(work: Callable[[Path, int, int], dict]) -> NoReturn:
+    """The ``main`` of a worker script that :func:`run_worker_ranks` starts: parses ``--out`` (and the launcher's
+    ``--local_rank``), runs ``work(out, rank, world_size)`` in the launcher's process group, writes the dict it returns
+    (with ``rank`` and ``world_size`` added) to ``out/rank{R}.json`` once every rank has finished, and exits as a
+    process that ran gloo collectives must (:func:`~vscale_plugin.launch.distributed.exit_after_distributed`)."""
+    import argparse
+    import json
+
+    import torch.distributed as dist
+
+    from vscale_plugin.launch.distributed import distributed, exit_after_distributed
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = parser.parse_args()
+    # The launcher's process group: it frees DeepSpeed's /dev/shm buffer names and destroys the group at the end.
+    with distributed() as (rank, world):
+        result = {"rank": rank, "world_size": world, **work(args.out, rank, world)}
+        dist.barrier()
+        (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+    exit_after_distributed(0)
+
+
+def engine_config(
+    stage: int,
+    micro_batch: int,
+    world_size: int,
+    accumulation: int = 1,
+    lr: float | None = None,
+    clip: float | None = None,
+    **zero: Any,
+) -> dict:
+    """A DeepSpeed config for a test engine: ZeRO ``stage`` (plus the ``zero`` options), its batch sizes, and with
+    ``lr`` DeepSpeed's own AdamW (betas 0.9/0.95, no weight decay); without it the caller passes an optimizer."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "zero_optimization": {"stage": stage, **zero},
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if clip is not None:
+        config["gradient_clipping"] = clip
+    if lr is not None:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0},
+        }
+    return config
+
+
+def gathered(params: list[Any]) -> list[list[float]]:
+    """The full values of (possibly ZeRO-3-partitioned) parameters; a collective, every rank calls it."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        return [p.detach().float().cpu().tolist() for p in params]
+
+
+def full_state_dict(model: Any) -> dict[str, Any]:
+    """A copy of ``model``'s full state dict, gathered where ZeRO-3 partitions it; a collective under ZeRO-3."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
