@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from hf_trainer import packed_dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         from accelerate.utils import DeepSpeedPlugin
 
         plugin = DeepSpeedPlugin(hf_ds_config=args.ds_config, gradient_accumulation_steps=args.grad_accum)
+    if not torch.cuda.is_available():
+        # CPU ranks (the deepspeed launcher or `accelerate launch`): a gloo process group first, as Trainer's use_cpu
+        # does; an Accelerator without a GPU would otherwise see one process and size DeepSpeed's batch for it.
+        PartialState(cpu=True)
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, deepspeed_plugin=plugin)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)

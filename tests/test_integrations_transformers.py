@@ -311,3 +311,23 @@ def test_accelerate_loop_example_logs_due_steps_only(model_dir):
     assert set(records[0]) == set(records[2]) == {"step", "loss"}
     for record in (records[1], records[3]):
         assert keys <= set(record) and all(torch.isfinite(torch.tensor(record[k])) for k in keys)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_accelerate_loop_under_deepspeed_on_two_ranks_equals_measure(model_dir, tmp_path, zero):
+    # accelerator.backward runs the engine's backward and step in one call: the collector reads inside it.
+    argv = ["--model", str(model_dir), "--data", str(model_dir / "data.jsonl"), "--every", "2", "--max_steps", "4",
+            "--grad_accum", "2", "--batch_size", "2", "--seq_len", "48",
+            "--ds_config", str(ROOT / f"ds_configs/{zero}.json")]  # fmt: skip
+    run_deepspeed(ROOT / "tests/workers/accelerate_loop.py", *argv, num_gpus=2, timeout=600,
+                  env={"VSP_RECORD_DIR": str(tmp_path)})  # fmt: skip
+
+    engine = json.loads((tmp_path / "engine.json").read_text())
+    assert engine == {"type": "DeepSpeedEngine", "zero_stage": int(zero[-1])}  # what accelerator.prepare returned
+    records = json.loads((tmp_path / "records.json").read_text())
+    batches = [b for rank in (0, 1) for b in torch.load(tmp_path / f"inputs_rank{rank}.pt")]
+    assert len(batches) == 4  # 2 ranks x accumulation 2
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert set(records[0]) == set(records[2]) == {"step", "loss"}
+    assert_close_to(records[1], measured(model_dir, torch.load(tmp_path / "weights.pt"), batches))
