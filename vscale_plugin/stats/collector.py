@@ -206,8 +206,8 @@ class StatsCollector:
         # Pre-hooks go first (prepend): ZeRO-3's own pre-hooks swap module inputs for identity copies whose gradient
         # misses the residual path; ours must see (and for the q/k/v paths, replace) the tensors that really flow.
         # The batch's mask and shape from the backbone (model.base_model, which owns the layers), not the causal-LM
-        # wrapper: TRL's fused LM head and Liger-Kernel's fused loss replace the wrapper's forward and call the
-        # backbone directly, so a hook on the wrapper would miss their calls and keep a previous micro-batch's rows.
+        # wrapper: a loop that computes a chunked loss itself runs model.model(...) and the head on its own, and a
+        # hook on the wrapper would miss those calls and keep a previous micro-batch's rows.
         backbone = getattr(self.model, "base_model", self.model)
         handles = [backbone.register_forward_pre_hook(self._model_inputs, with_kwargs=True, prepend=True)]
         for i, parts in enumerate(self.layers):
