@@ -274,17 +274,29 @@ def test_trl_sft_example_under_its_default_bf16_autocast_gives_finite_statistics
     assert all(torch.isfinite(torch.tensor(logged[k])) for k in keys)
 
 
+def stage_config(zero: str, tmp_path: Path) -> Path:
+    """ds_configs/<zero>.json; ZeRO-0 (DeepSpeed's data parallelism without sharding) is zero1.json at stage 0."""
+    if zero != "zero0":
+        return ROOT / f"ds_configs/{zero}.json"
+    config = json.loads((ROOT / "ds_configs/zero1.json").read_text())
+    config["zero_optimization"]["stage"] = 0
+    path = tmp_path / "zero0.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
 def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path, zero):
     record = tmp_path / "record"
     record.mkdir()
     env = {"VSP_RECORD_DIR": str(record), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "MLFLOW_EXPERIMENT_NAME": "trainer-ds"}  # fmt: skip
-    argv = example_args(model_dir, tmp_path / "out", "--ds_config", str(ROOT / f"ds_configs/{zero}.json"))
+    argv = example_args(model_dir, tmp_path / "out", "--ds_config", str(stage_config(zero, tmp_path)))
     run_deepspeed(ROOT / "tests/workers/trainer_callback.py", *argv, num_gpus=2, timeout=600, env=env)
 
     result = json.loads((record / "result.json").read_text())
+    assert result["zero_stage"] == int(zero[-1])  # the engine the Trainer built
     batches = [b["input_ids"] for rank in (0, 1) for b in torch.load(record / f"inputs_rank{rank}.pt")]
     assert len(batches) == 4  # 2 ranks x accumulation 2
     logs = {e["step"]: e for e in result["log_history"] if "loss" in e}

@@ -59,6 +59,7 @@ if rank == 0:
             {
                 "log_history": trainer.state.log_history,
                 "decayed": decayed,
+                "zero_stage": trainer.model_wrapped.zero_optimization_stage(),
                 "theta_after": {k: v.tolist() for k, v in final.items() if ".vscale." in k},
             }
         )
