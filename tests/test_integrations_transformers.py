@@ -303,6 +303,7 @@ def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path
     assert_close_to(logs[2], measured(model_dir, torch.load(record / "weights.pt"), batches))
     assert set(logs[1]) <= TRAINER_KEYS and set(logs[3]) <= TRAINER_KEYS
     assert not [n for n in result["decayed"] if ".vscale." in n]
+    assert len(result["theta_after"]) == 2 and all(any(v != 0.0 for v in t) for t in result["theta_after"].values())
 
     from mlflow.tracking import MlflowClient
 
