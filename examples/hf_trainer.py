@@ -24,12 +24,17 @@ from vscale_plugin.ops.vscale import MODES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    return arguments(__doc__.splitlines()[0], "out/hf_trainer").parse_args(argv)
+
+
+def arguments(description: str, output_dir: str) -> argparse.ArgumentParser:
+    """The flags of a Trainer run on C4-style JSON lines (examples/trl_sft.py adds its own to them)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory or name to continue training")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: --model)")
     p.add_argument("--data", required=True, help="JSON lines with a 'text' field (e.g. C4's files)")
     p.add_argument("--ds_config", default=None, help="DeepSpeed config ('auto' values are filled by Trainer)")
-    p.add_argument("--output_dir", default="out/hf_trainer")
+    p.add_argument("--output_dir", default=output_dir)
     p.add_argument("--vscale", default="learned", choices=("off", *MODES))
     p.add_argument("--every", type=int, default=100, help="optimiser steps between gradient-sink captures")
     p.add_argument("--profiles", action="store_true", help="also write per-position gradient profiles")
@@ -44,7 +49,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report_to", default="mlflow", help="comma-separated Trainer integrations, or 'none'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return p.parse_args(argv)
+    return p
+
+
+def training_arguments(args: argparse.Namespace) -> dict:
+    """The TrainingArguments (or TRL SFTConfig) fields the flags set."""
+    return dict(
+        output_dir=args.output_dir,
+        deepspeed=args.ds_config,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        gradient_checkpointing=args.gradient_checkpointing,
+        logging_steps=args.logging_steps,
+        report_to=[] if args.report_to == "none" else args.report_to.split(","),
+        save_strategy="no",
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
 
 
 def packed_dataset(path: str, tokenizer, seq_len: int):
@@ -65,33 +90,24 @@ def packed_dataset(path: str, tokenizer, seq_len: int):
     return tokens.map(blocks, batched=True, batch_size=1000)
 
 
-def build_trainer(args: argparse.Namespace, callbacks: Sequence = ()) -> VScaleTrainer:
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    training = TrainingArguments(
-        output_dir=args.output_dir,
-        deepspeed=args.ds_config,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        gradient_checkpointing=args.gradient_checkpointing,
-        logging_steps=args.logging_steps,
-        report_to=[] if args.report_to == "none" else args.report_to.split(","),
-        save_strategy="no",
-        seed=args.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
-    # After TrainingArguments, so that under ZeRO-3 the model is built partitioned (transformers' HfDeepSpeedConfig),
-    # and after DeepSpeed knows the process group, so that zero.Init partitions over every rank.
-    if args.ds_config:
+def join_process_group(training: TrainingArguments) -> None:
+    """Under DeepSpeed, the process group (Accelerate makes it) known to DeepSpeed too, before the model is built:
+    ZeRO-3's zero.Init, which from_pretrained enters after TrainingArguments, would otherwise see one rank."""
+    if training.deepspeed:
         import deepspeed
 
         _ = training.device  # the process group, made by Accelerate
         deepspeed.init_distributed()
+
+
+def build_trainer(args: argparse.Namespace, callbacks: Sequence = ()) -> VScaleTrainer:
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    training = TrainingArguments(**training_arguments(args))
+    # After TrainingArguments, so that under ZeRO-3 the model is built partitioned (transformers' HfDeepSpeedConfig),
+    # and after DeepSpeed knows the process group, so that zero.Init partitions over every rank.
+    join_process_group(training)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     if args.vscale != "off":
         vsp.apply_vscale(model, mode=args.vscale)  # vscale-plugin: before the Trainer builds its optimizer

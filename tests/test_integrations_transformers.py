@@ -286,13 +286,26 @@ def stage_config(zero: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3"])
-def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path, zero):
+@pytest.mark.parametrize(
+    ("example", "zero"),
+    [
+        ("hf_trainer", "zero0"),
+        ("hf_trainer", "zero1"),
+        ("hf_trainer", "zero2"),
+        ("hf_trainer", "zero3"),
+        ("trl_sft", "zero3"),
+    ],
+)
+def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path, example, zero):
+    extra, trainer_keys = (), TRAINER_KEYS
+    if example == "trl_sft":
+        pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'vscale-plugin[trl]'")
+        extra, trainer_keys = ("--precision", "fp32"), TRL_KEYS
     record = tmp_path / "record"
     record.mkdir()
-    env = {"VSP_RECORD_DIR": str(record), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    env = {"VSP_RECORD_DIR": str(record), "VSP_EXAMPLE": example, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "MLFLOW_EXPERIMENT_NAME": "trainer-ds"}  # fmt: skip
-    argv = example_args(model_dir, tmp_path / "out", "--ds_config", str(stage_config(zero, tmp_path)))
+    argv = example_args(model_dir, tmp_path / "out", "--ds_config", str(stage_config(zero, tmp_path)), *extra)
     run_deepspeed(ROOT / "tests/workers/trainer_callback.py", *argv, num_gpus=2, timeout=600, env=env)
 
     result = json.loads((record / "result.json").read_text())
@@ -301,7 +314,7 @@ def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path
     assert len(batches) == 4  # 2 ranks x accumulation 2
     logs = {e["step"]: e for e in result["log_history"] if "loss" in e}
     assert_close_to(logs[2], measured(model_dir, torch.load(record / "weights.pt"), batches))
-    assert set(logs[1]) <= TRAINER_KEYS and set(logs[3]) <= TRAINER_KEYS
+    assert set(logs[1]) <= trainer_keys and set(logs[3]) <= trainer_keys
     assert not [n for n in result["decayed"] if ".vscale." in n]
     assert len(result["theta_after"]) == 2 and all(any(v != 0.0 for v in t) for t in result["theta_after"].values())
 
@@ -310,7 +323,7 @@ def test_two_deepspeed_ranks_with_accumulation_equal_measure(model_dir, tmp_path
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("trainer-ds").experiment_id])
     for key in logs[2]:
-        if key not in TRAINER_KEYS:
+        if key not in trainer_keys:
             assert {m.step for m in client.get_metric_history(run.info.run_id, key)} == {2, 4}, key
 
 

@@ -1,9 +1,11 @@
-"""A rank of examples/hf_trainer.py that also records what an independent check needs: the weights before the
-first due step (gathered under ZeRO-3), every micro-batch of that step, and the Trainer's log history.
+"""A rank of examples/hf_trainer.py (or, with VSP_EXAMPLE=trl_sft, examples/trl_sft.py) that also records what an
+independent check needs: the weights before the first due step (gathered under ZeRO-3), every micro-batch of that
+step, and the Trainer's log history.
 
-    VSP_RECORD_DIR=<out dir> deepspeed --num_gpus 2 tests/workers/trainer_callback.py <examples/hf_trainer.py flags>
+    VSP_RECORD_DIR=<out dir> deepspeed --num_gpus 2 tests/workers/trainer_callback.py <the example's flags>
 """
 
+import importlib
 import json
 import os
 import sys
@@ -13,13 +15,13 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import hf_trainer
-
 from vscale_plugin.testing.distributed import full_state_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+example = importlib.import_module(os.environ.get("VSP_EXAMPLE", "hf_trainer"))  # or trl_sft
+
 out = Path(os.environ["VSP_RECORD_DIR"])
-args = hf_trainer.parse_args(sys.argv[1:])
+args = example.parse_args(sys.argv[1:])
 due = args.every  # the first captured step
 recorded: list[dict] = []
 state = {"recording": False}
@@ -37,7 +39,7 @@ class Recorder(TrainerCallback):
         state["recording"] = False
 
 
-trainer = hf_trainer.build_trainer(args, callbacks=[Recorder()])
+trainer = example.build_trainer(args, callbacks=[Recorder()])
 step = trainer.training_step
 
 
