@@ -122,11 +122,13 @@ def build_trainer(args: argparse.Namespace, callbacks: Sequence = ()) -> VScaleT
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    trainer = build_trainer(args)
+def train_and_save(trainer) -> None:
     trainer.train()
     trainer.save_model()  # a V-scale checkpoint: vsp.from_pretrained(args.output_dir) restores theta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    train_and_save(build_trainer(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from datasets import load_dataset
-from hf_trainer import arguments, join_process_group, training_arguments
+from hf_trainer import arguments, join_process_group, train_and_save, training_arguments
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -68,10 +68,7 @@ def build_trainer(args: argparse.Namespace, callbacks: Sequence = ()) -> VScaleS
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    trainer = build_trainer(args)
-    trainer.train()
-    trainer.save_model()  # a V-scale checkpoint: vsp.from_pretrained(args.output_dir) restores theta
+    train_and_save(build_trainer(parse_args(argv)))
 
 
 if __name__ == "__main__":

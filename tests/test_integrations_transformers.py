@@ -261,6 +261,18 @@ def test_trl_sft_trainer_builds_vscale_from_a_name_and_logs_measure_at_due_steps
         assert {m.step for m in client.get_metric_history(run.info.run_id, key)} == {2, 4}, key
 
 
+@pytest.mark.parametrize("example", ["hf_trainer", "trl_sft"])
+def test_example_main_saves_a_vscale_checkpoint(model_dir, tmp_path, example):
+    if example == "trl_sft":
+        pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'vscale-plugin[trl]'")
+    module = __import__(example)
+    module.main(example_args(model_dir, tmp_path / "out", "--report_to", "none", "--max_steps", "2"))
+    saved = vsp.from_pretrained(tmp_path / "out")
+    thetas = [p for n, p in saved.named_parameters() if ".vscale." in n]
+    assert vsp.is_vscaled(saved) and len(thetas) == 2
+    assert all(bool((t != 0).any()) for t in thetas)  # trained from 0 and saved
+
+
 def test_trl_sft_example_under_its_default_bf16_autocast_gives_finite_statistics(model_dir, tmp_path):
     pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'vscale-plugin[trl]'")
     import trl_sft
