@@ -159,6 +159,16 @@ def test_analyze_a_directory_that_is_no_model_names_model_not_tokenizer(saved, t
     _assert_error_line(proc, f"--model {only_tokenizer}", "not a Hugging Face model", "save_pretrained")
 
 
+def test_analyze_with_a_tokenizer_larger_than_the_models_vocabulary_is_refused(saved, tmp_path):
+    from vscale_plugin.testing.tokenizers import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (REPO / "tests/data/c4-sample.jsonl").open()][:60]
+    large = train_tokenizer(texts, tmp_path / "bpe", vocab_size=384)  # on the model's 128 embeddings
+    proc = _analyze(saved, "--model", saved / "model", "--dataset", saved / "corpus.jsonl",
+                    "--tokenizer", tmp_path / "bpe", "--seq_len", 48)  # fmt: skip
+    _assert_error_line(proc, f"{len(large)} tokens", f"--model {saved / 'model'} has 128 embeddings", "--tokenizer")
+
+
 def test_analyze_with_a_seq_len_beyond_the_model_positions_is_refused(saved):
     proc = _analyze(saved, "--model", saved / "model", "--dataset", saved / "corpus.jsonl", "--seq_len", 300)
     _assert_error_line(proc, "--seq_len 300", "256 positions", "--seq_len 256 or less")

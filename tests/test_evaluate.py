@@ -134,3 +134,13 @@ def test_tables_put_the_baseline_first_with_the_difference():
     assert "| w8a8_static | 20.0 ± 10.0 | 60.0 ± 10.0 | +40.0 |" in niah
     ppl = text[text.index("### ppl") : text.index("### niah_single_2")]
     assert "| none | 21 | 20 | -1 |" in ppl
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_naming_the_fix(tmp_path):
+    # The smoke dataset's tokenizer (4096 ids) on a model of 128 embeddings: ids past 127 would index nothing.
+    tiny_model("llama").save_pretrained(tmp_path / "small-vocab")
+    source = ModelSource(path=str(tmp_path / "small-vocab"), label="m", tokenizer=None, dataset="smoke")
+    with pytest.raises(
+        UsageError, match=r"has 4096 tokens but --model .*small-vocab has 128 embeddings; pass the --tok"
+    ):
+        runner.Target.load(source)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import vscale_plugin
 from vscale_plugin.data import TOKENIZER_CACHE, DataError, build_tokenizer, check_dataset, open_batches, padded_batches
+from vscale_plugin.data.tokenizer import check_fits
 from vscale_plugin.evaluate.models import is_training_checkpoint, load_pretrained, load_training_checkpoint, read_record
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, check_model_config, fail
 from vscale_plugin.launch.distributed import exit_after_distributed, rank0_first, run_launcher
@@ -149,11 +150,9 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
     tokenizer = rank0_first(build_tokenizer, spec, tokenizer_dataset, TOKENIZER_CACHE)
     check_dataset(args.dataset)
     model = load_model(args, dtype, ds_config)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise DataError(
-            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model has "
-            f"{model.config.vocab_size} embeddings; pass the model's tokenizer with --tokenizer"
-        )
+    check_fits(
+        tokenizer, model.config.vocab_size, f"--model {args.model}", "pass the model's tokenizer with --tokenizer"
+    )
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     target: Any = model.to(device) if ds_config is None else None
     if ds_config is not None:

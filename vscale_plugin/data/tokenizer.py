@@ -246,3 +246,13 @@ def _smoke_tokenizer(cache_dir: Path) -> Tokenizer:
             "--tokenizer with an existing SentencePiece .model file"
         ) from err
     return _sentencepiece(path, name=f"smoke:{path.name}")
+
+
+def check_fits(tokenizer: Tokenizer, vocab_size: int, model: str, fix: str, error: type[Exception] = DataError) -> None:
+    """``error`` when ``tokenizer`` makes ids that ``model`` (named so in the message), with ``vocab_size`` embeddings,
+    cannot look up; ``fix`` says what to pass instead. A smaller tokenizer is fine (padded vocabularies)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise error(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but {model} has {vocab_size} embeddings; "
+            f"{fix}"
+        )

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vscale_plugin.data import TOKENIZER_CACHE, Tokenizer, build_tokenizer, open_batches
+from vscale_plugin.data.tokenizer import check_fits
 from vscale_plugin.evaluate import niah, quant
 from vscale_plugin.evaluate.models import ModelSource, load_model, native_context, vscale_mode
 from vscale_plugin.evaluate.perplexity import perplexity
@@ -97,11 +98,8 @@ class Target:
         # A checkpoint trained with the default tokenizer of its dataset keeps that one on any evaluation data.
         tokenizer = build_tokenizer(source.tokenizer, source.dataset or dataset, TOKENIZER_CACHE)
         model = load_model(source, dtype=dtype).to(device)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise UsageError(
-                f"--model {source.path}: its vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
-                f"({tokenizer.name}, {tokenizer.vocab_size}); pass the --tokenizer it was trained with"
-            )
+        check_fits(tokenizer, model.config.vocab_size, f"--model {source.path}",
+                   "pass the --tokenizer it was trained with", UsageError)  # fmt: skip
         return cls(source, model, tokenizer, dataset, native_context(model))
 
     @property

@@ -14,6 +14,7 @@ from torch import nn
 import vscale_plugin
 from vscale_plugin.data import DataError, Tokenizer
 from vscale_plugin.data.hub import offline_for
+from vscale_plugin.data.tokenizer import check_fits
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import llama_config
 
@@ -30,11 +31,7 @@ def check_vocabulary(config: RunConfig, tokenizer: Tokenizer) -> None:
         vocab = AutoConfig.from_pretrained(
             config.init_from, local_files_only=offline_for(config.init_from) is not None
         ).vocab_size
-        if tokenizer.vocab_size > vocab:
-            raise DataError(
-                f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but {config.init_from} has "
-                f"{vocab} embeddings; use the model's own tokenizer (--tokenizer)"
-            )
+        check_fits(tokenizer, vocab, config.init_from, "use the model's own tokenizer (--tokenizer)")
         return
     recipe = config.recipe
     if recipe.vocab_size is not None and tokenizer.vocab_size > recipe.vocab_size:
