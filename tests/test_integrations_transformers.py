@@ -160,6 +160,26 @@ def test_every_below_one_is_refused():
     for every in (0, -3, 1.5):
         with pytest.raises(ValueError, match="every"):
             GradientSinkCallback(every=every)
+    with pytest.raises(ValueError, match="console='layers'.*summary, all"):
+        GradientSinkCallback(console="layers")
+
+
+@pytest.mark.parametrize("console", ["summary", "all"])
+def test_console_shows_the_summaries_and_the_logs_keep_every_key(model_dir, tmp_path, capsys, console):
+    trainer = hf_trainer.build_trainer(
+        hf_trainer.parse_args(example_args(model_dir, tmp_path, "--report_to", "none", "--max_steps", "2"))
+    )
+    (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradientSinkCallback)]
+    callback.console = console
+    printers = [cb for cb in trainer.callback_handler.callbacks if "on_log" in vars(cb)]
+    capsys.readouterr()
+    trainer.train()
+    printed = capsys.readouterr().out
+    assert "'gs/ratio/median'" in printed and "'as/sink_rate/mean'" in printed and "'loss'" in printed
+    assert ("'gs/ratio/L01'" in printed) == ("'vscale/lambda/L00/H1'" in printed) == (console == "all")
+    (logged,) = [e for e in trainer.state.log_history if e.get("step") == 2 and "loss" in e]
+    assert {"gs/ratio/L01", "vscale/lambda/L00/H1", "gs/ratio/median"} <= set(logged)  # the logs keep every key
+    assert [cb for cb in trainer.callback_handler.callbacks if "on_log" in vars(cb)] == printers  # undone at the end
 
 
 def test_model_without_the_layers_is_refused_when_the_trainer_is_built(tmp_path):

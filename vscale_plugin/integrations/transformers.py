@@ -18,6 +18,7 @@ every parameter that is neither a bias nor in a norm layer.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,20 +41,29 @@ class GradientSinkCallback(TrainerCallback):
     ``profiles=True`` also writes the per-position gradient norms of each captured step to
     ``<output_dir>/gradient_profiles/profiles_step<N>.json`` (main process), and logs the file as an artifact of the
     active MLflow run when there is one. Pass it as ``Trainer(..., callbacks=[GradientSinkCallback(every=100)])``.
+
+    ``console="summary"`` (the default) keeps the per-layer and per-head keys (``.../L03``, ``.../L03/H1``; tens per
+    layer) out of what transformers prints to the console (its progress bar or ``PrinterCallback``), which then shows
+    the model-level summaries (``gs/ratio/median``, ``as/sink_rate/mean``, ...); every key still reaches the logs, the
+    log history and each ``report_to`` integration. ``console="all"`` prints everything.
     """
 
-    def __init__(self, every: int = 100, profiles: bool = False) -> None:
+    def __init__(self, every: int = 100, profiles: bool = False, console: str = "summary") -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(
                 f"GradientSinkCallback(every={every!r}): every is the number of optimiser steps between captures, an "
                 "integer >= 1 (every=1 captures every step)"
             )
+        if console not in CONSOLE:
+            raise ValueError(f"GradientSinkCallback(console={console!r}): choose one of {', '.join(CONSOLE)}")
         self.every = every
         self.profiles = profiles
+        self.console = console
         self.collector: StatsCollector | None = None
         self._trainer: Trainer | None = None
         self._pending: dict[str, float] = {}
         self._restore_backward = None
+        self._restore_console = None
 
     # ---- Trainer events ----
 
@@ -66,6 +76,8 @@ class GradientSinkCallback(TrainerCallback):
         _check_model(trainer.model)
         _check_optimizer(trainer.model, optimizer)
         _run_first(trainer, self)  # our on_log must fill the logs before the reporting callbacks read them
+        if self.console == "summary":
+            self._restore_console = _print_summaries_only(trainer)
         self._trainer = trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         self.collector = StatsCollector(engine, every=self.every)
@@ -97,6 +109,9 @@ class GradientSinkCallback(TrainerCallback):
         if self.collector is not None and self.collector.active:  # training stopped mid-step (an exception)
             self._restore()
             self.collector._release()
+        if self._restore_console is not None:
+            self._restore_console()
+            self._restore_console = None
 
     # ---- helpers ----
 
@@ -202,6 +217,32 @@ def _calling_trainer() -> Trainer:
         "GradientSinkCallback runs inside a transformers Trainer: pass it as Trainer(..., callbacks=[...]); in a loop "
         "of your own use vscale_plugin.StatsCollector's start(step) / stop()"
     )
+
+
+CONSOLE = ("summary", "all")
+_PER_LAYER = re.compile(r"/L\d+(/H\d+)?$")  # SPEC section 4: .../L03 per layer, .../L03/H1 per KV head
+
+
+def _print_summaries_only(trainer: Trainer):
+    """Make transformers' console printers (progress bar, PrinterCallback) skip per-layer keys; returns the undo."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    printers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, (ProgressCallback, PrinterCallback))]
+    for printer in printers:
+        original = printer.on_log
+
+        def on_log(args, state, control, logs=None, _original=original, **kwargs):
+            if logs is not None:
+                logs = {k: v for k, v in logs.items() if not _PER_LAYER.search(k)}
+            return _original(args, state, control, logs=logs, **kwargs)
+
+        printer.on_log = on_log
+
+    def restore() -> None:
+        for printer in printers:
+            del printer.on_log  # the instance attribute; the class's method shows again
+
+    return restore
 
 
 def _run_first(trainer: Trainer, callback: TrainerCallback) -> None:
