@@ -160,7 +160,7 @@ def test_every_below_one_is_refused():
     for every in (0, -3, 1.5):
         with pytest.raises(ValueError, match="every"):
             GradientSinkCallback(every=every)
-    with pytest.raises(ValueError, match="console='layers'.*summary, all"):
+    with pytest.raises(ValueError, match=r"console='layers'.*summary, all"):
         GradientSinkCallback(console="layers")
 
 
