@@ -18,7 +18,8 @@ from torch import nn
 
 from vscale_plugin.hf.registry import architecture_of, attention_layers, value_projection
 from vscale_plugin.hf.remote_code import SaveWithRemoteCode
-from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, Kernel, Mode, VScale, check_kernel
+from vscale_plugin.hf.tensor_parallel import head_shard
+from vscale_plugin.ops.vscale import DEFAULT_SIGMA, MODES, HeadShard, Kernel, Mode, VScale, check_kernel
 
 CONFIG_KEY = "vscale"
 
@@ -30,11 +31,32 @@ class ValueHook:
     ``VScale`` (a closure would keep pointing at the original module).
     """
 
-    def __init__(self, vscale: VScale) -> None:
+    def __init__(self, vscale: VScale, shard: HeadShard | None = None) -> None:
         self.vscale = vscale
+        self.shard = shard  # a tensor-parallel rank's KV heads (hf/tensor_parallel.py); None: all of them
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self.vscale(output)
+        return self.vscale(output) if self.shard is None else self.vscale(output, self.shard)
+
+
+class ValueProjectionGuard:
+    """Forward pre-hook on the attention module: keeps V-scale on ``v_proj`` when DeepSpeed AutoTP replaces that
+    module after :func:`apply_vscale` (``deepspeed.initialize`` swaps in its column-parallel layer, without our
+    hook). One identity check per forward while nothing changes."""
+
+    def __init__(self, vscale: VScale, path: str, hooked: nn.Module) -> None:
+        self.vscale = vscale
+        self.path = path
+        self.hooked = hooked
+
+    def __call__(self, attention: nn.Module, args: tuple) -> None:
+        v_proj = attention.get_submodule(self.path)
+        if v_proj is self.hooked:
+            return
+        shard = head_shard(v_proj, self.vscale)
+        if shard is not None and not any(isinstance(h, ValueHook) for h in v_proj._forward_hooks.values()):
+            v_proj.register_forward_hook(ValueHook(self.vscale, shard))
+        self.hooked = v_proj
 
 
 def _refuse_deepspeed_engine(model: nn.Module, action: str) -> None:
@@ -104,6 +126,7 @@ def apply_vscale(
         )
         attn.add_module(CONFIG_KEY, vscale)
         v_proj.register_forward_hook(ValueHook(vscale))
+        attn.register_forward_pre_hook(ValueProjectionGuard(vscale, architecture_of(model).projections[2], v_proj))
     setattr(config, CONFIG_KEY, wanted)
     if hasattr(type(model), "save_pretrained"):
         # Its checkpoints then load V-scaled with plain transformers too (trust_remote_code=True; hf/remote_code.py).
@@ -138,6 +161,8 @@ def remove_vscale(model: nn.Module) -> nn.Module:
             v_proj = value_projection(model, attn)
             for key in [k for k, hook in v_proj._forward_hooks.items() if isinstance(hook, ValueHook)]:
                 del v_proj._forward_hooks[key]
+            for key in [k for k, hook in attn._forward_pre_hooks.items() if isinstance(hook, ValueProjectionGuard)]:
+                del attn._forward_pre_hooks[key]
             del attn._modules[CONFIG_KEY]
         if isinstance(vars(model).get("save_pretrained"), SaveWithRemoteCode):
             del model.save_pretrained

@@ -2,12 +2,14 @@
 backward-only ablation (mode "backward"), keep the values and give only the gradient phi*v's Jacobian.
 
 Pure PyTorch. The Hugging Face integration (``vscale_plugin.hf``) places :class:`VScale` right after
-``v_proj``; nothing here knows about models, attention kernels or DeepSpeed.
+``v_proj``; nothing here knows about models, attention kernels or DeepSpeed (a tensor-parallel rank's share of the
+heads is a :class:`HeadShard`, found by ``vscale_plugin.hf.tensor_parallel``).
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -63,6 +65,32 @@ def backward_only_values(v: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
     # v_hat = sg(v) + (phi*v - sg(phi*v))  (SPEC 1, backward-only ablation), written as a subtraction: phi*v is
     # finite for finite v, so the difference is exactly +0 and v - (+0) keeps every bit of v, -0.0 included.
     return v.detach() - (scaled.detach() - scaled)
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The KV heads ``start .. start + count - 1`` of a layer that one tensor-parallel rank computes, when its
+    ``v_proj`` is split by whole heads. ``group`` is the tensor-parallel process group: each rank's theta gradient
+    covers only its own heads, and is summed over the group so that every rank holds the full gradient."""
+
+    start: int
+    count: int
+    group: Any = None
+
+
+class _SumGradientOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ``group`` (Megatron's copy-to-tensor-parallel-region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class VScale(nn.Module):
@@ -121,22 +149,31 @@ class VScale(nn.Module):
         with torch.no_grad():
             self.theta.zero_()
 
-    def lam(self) -> torch.Tensor:
-        """lambda = exp(theta) per KV head, at least float32, shape ``(kv_heads,)``."""
-        return self.theta.to(torch.promote_types(self.theta.dtype, torch.float32)).exp()
+    def lam(self, shard: HeadShard | None = None) -> torch.Tensor:
+        """lambda = exp(theta) per KV head, at least float32, shape ``(kv_heads,)`` (``(shard.count,)``: the
+        heads of ``shard``, whose theta gradient is then summed over ``shard.group``)."""
+        theta = self.theta
+        if shard is not None:
+            if shard.group is not None and theta.requires_grad:
+                theta = _SumGradientOverGroup.apply(theta, shard.group)
+            theta = theta[shard.start : shard.start + shard.count]
+        return theta.to(torch.promote_types(theta.dtype, torch.float32)).exp()
 
-    def constant(self) -> torch.Tensor:
-        """C = C_base * lambda per KV head, shape ``(kv_heads, 1)``."""
-        return (self.c_base * self.lam()).unsqueeze(-1)
+    def constant(self, shard: HeadShard | None = None) -> torch.Tensor:
+        """C = C_base * lambda per KV head, shape ``(kv_heads, 1)`` (``(shard.count, 1)`` with ``shard``)."""
+        return (self.c_base * self.lam(shard)).unsqueeze(-1)
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        heads = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+    def forward(self, v: torch.Tensor, shard: HeadShard | None = None) -> torch.Tensor:
+        """V-scale of ``v`` of shape ``(..., kv_heads * d_head)``; with ``shard``, of its heads only,
+        ``(..., shard.count * d_head)`` (a tensor-parallel rank's part of ``v_proj``'s output)."""
+        heads = v.unflatten(-1, (self.num_kv_heads if shard is None else shard.count, self.head_dim))
+        constant = self.constant(shard)
         if self._kernel == "compiled":
             from vscale_plugin.ops.fused import compiled_vscale_values  # fused.py imports this module
 
-            scaled = compiled_vscale_values(heads, self.constant())
+            scaled = compiled_vscale_values(heads, constant)
         else:
-            scaled = vscale_values(heads, self.constant())
+            scaled = vscale_values(heads, constant)
         if self.mode == "backward":
             # Either kernel's phi*v serves: only its gradient is used, so both kernels support this mode.
             scaled = backward_only_values(heads, scaled)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vscale_plugin.hf.registry import LayerParts, layer_parts
+from vscale_plugin.hf.tensor_parallel import tensor_parallel_size
 from vscale_plugin.ops.vscale import VScale, phi
 from vscale_plugin.stats import metrics
 from vscale_plugin.stats import quant_readiness as qr
@@ -50,6 +51,21 @@ def _unwrap(model_or_engine: Any) -> nn.Module:
     ):
         module = module.module  # DeepSpeedEngine, DistributedDataParallel
     return module
+
+
+def _refuse_tensor_parallel(layers: list[LayerParts]) -> None:
+    # Each AutoTP rank holds a share of the heads and of q/k/v/o: per-rank hooks would see partial heads, partial
+    # projections and replicated per-position gradients, and report plausible, wrong numbers. Refused until the
+    # statistics are combined over the tensor-parallel group.
+    split = [
+        name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if tensor_parallel_size(getattr(layers[0], name)) > 1
+    ]
+    if split:
+        raise NotImplementedError(
+            f"StatsCollector: {', '.join(split)} are split over {tensor_parallel_size(getattr(layers[0], split[0]))} "
+            "tensor-parallel ranks (DeepSpeed AutoTP), and the statistics are not yet combined over that group; "
+            "measure a run with tensor_parallel.autotp_size 1, or its checkpoint with launchers/analyze.py"
+        )
 
 
 def _is_engine(obj: Any) -> bool:
@@ -97,6 +113,7 @@ class StatsCollector:
         self.target = model_or_engine
         self.model = _unwrap(model_or_engine)
         self.layers = layer_parts(self.model)
+        _refuse_tensor_parallel(self.layers)
         self.every = every
         self.distributed = distributed
         self._taps = [qr.taps(parts) if quant_readiness else [] for parts in self.layers]

@@ -119,12 +119,14 @@ def run_deepspeed(
     return proc
 
 
-def run_worker_ranks(worker: str | Path, out: Path, num_gpus: int = 2, timeout: float = 600) -> list[dict]:
-    """Run a worker script on ``num_gpus`` ranks with ``--out out`` and return what each rank wrote to
-    ``out/rank{R}.json`` (a dict with at least ``rank`` and ``world_size``), in rank order."""
+def run_worker_ranks(
+    worker: str | Path, out: Path, num_gpus: int = 2, timeout: float = 600, env: Mapping[str, str] | None = None
+) -> list[dict]:
+    """Run a worker script on ``num_gpus`` ranks with ``--out out`` (and ``env`` over the environment) and return
+    what each rank wrote to ``out/rank{R}.json`` (a dict with at least ``rank`` and ``world_size``), in rank order."""
     import json
 
-    run_deepspeed(worker, "--out", out, num_gpus=num_gpus, timeout=timeout)
+    run_deepspeed(worker, "--out", out, num_gpus=num_gpus, timeout=timeout, env=env)
     results = []
     for rank in range(num_gpus):
         path = Path(out) / f"rank{rank}.json"
