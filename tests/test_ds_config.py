@@ -52,3 +52,21 @@ def test_a_missing_config_is_an_error_listing_names_that_resolve(value, tmp_path
     assert sorted(Path(item).name for item in listed) == SHIPPED
     for item in listed:  # what the error offers really works, here, away from the checkout
         assert resolve_ds_config(item).read_bytes() == (CONFIG_DIR / Path(item).name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size 2"),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2"),
+    ],
+)
+def test_tensor_or_sequence_parallelism_is_refused_before_anything_is_built(tmp_path, extra, key):
+    path = tmp_path / "tp.json"
+    path.write_text(json.dumps({**json.loads((CONFIG_DIR / "zero1.json").read_text()), **extra}))
+    with pytest.raises(ConfigError, match=rf"--ds_config {path}: {key}: the launchers do not run tensor or sequence"):
+        load_ds_config(path)
+    path.write_text(
+        json.dumps({**json.loads((CONFIG_DIR / "zero1.json").read_text()), "tensor_parallel": {"autotp_size": 1}})
+    )
+    assert load_ds_config(path)["tensor_parallel"] == {"autotp_size": 1}  # size 1 is no parallelism

@@ -46,7 +46,27 @@ def load_ds_config(value: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(config, dict):
         raise ConfigError(f"--ds_config {value}: expected a JSON object of DeepSpeed settings; see {_available()}")
+    _refuse_model_parallelism(config, value)
     return config
+
+
+def _refuse_model_parallelism(config: dict[str, Any], value: str | Path) -> None:
+    # The launchers give every rank batches of its own; AutoTP needs the same batch on every rank of a TP group and
+    # Ulysses needs sequence shards, and the statistics are not yet combined over either group (README "Scaling
+    # out"). Refused here, before anything is built, instead of DeepSpeed's assertion after the first batch.
+    tp = (
+        config.get("tensor_parallel", {}).get("autotp_size", 1)
+        if isinstance(config.get("tensor_parallel"), dict)
+        else 1
+    )
+    sp = config.get("sequence_parallel_size", 1)
+    for key, size in (("tensor_parallel.autotp_size", tp), ("sequence_parallel_size", sp)):
+        if isinstance(size, int) and size > 1:
+            raise ConfigError(
+                f"--ds_config {value}: {key} {size}: the launchers do not run tensor or sequence parallelism yet "
+                "(their data path gives every rank its own batches); drop it, or use AutoTP from your own loop or "
+                'Trainer, where V-scale follows it (README "Scaling out")'
+            )
 
 
 def _resolve(config: dict, key: str, value: Any, flag: str) -> None:
