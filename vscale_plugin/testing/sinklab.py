@@ -117,6 +117,9 @@ def write_reference(path: Path, out: Path, experiment: str | None = None) -> dic
             "command": "python -m vscale_plugin.testing.sinklab --write " + str(path),
             "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__,
+            # The curves depend on the CPU's floating-point kernels (SIMD width, summation order): rounding that
+            # differs in the 8th digit after a few steps grows, through sink formation, into different statistics.
+            "cpu": _cpu_model(),
             "preset": PRESETS["sinklab"].as_dict(),
             "ranks": 2,
             "ds_config": "zero2",
@@ -125,6 +128,18 @@ def write_reference(path: Path, out: Path, experiment: str | None = None) -> dic
     }
     path.write_text(json.dumps(reference, indent=1, sort_keys=True) + "\n")
     return reference
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
