@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import accelerate_loop
 
 import vscale_plugin as vsp
+from vscale_plugin.launch.distributed import exit_after_distributed
 from vscale_plugin.testing.distributed import full_state_dict
 
 out = Path(os.environ["VSP_RECORD_DIR"])
@@ -52,3 +53,8 @@ records = accelerate_loop.main(sys.argv[1:])
 torch.save(inputs, out / f"inputs_rank{dist.get_rank()}.pt")
 if dist.get_rank() == 0:
     (out / "records.json").write_text(json.dumps(records))
+# Tearing down an interpreter that ran gloo collectives can abort it ("terminate called without an active exception",
+# exit 250, seen in CI): leave the group and exit the way the launcher's own ranks do.
+dist.barrier()
+dist.destroy_process_group()
+exit_after_distributed(0)

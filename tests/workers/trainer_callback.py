@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from vscale_plugin.launch.distributed import exit_after_distributed
 from vscale_plugin.testing.distributed import full_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -68,3 +69,8 @@ if rank == 0:
     )
 else:
     full_state_dict(trainer.model)  # a collective under ZeRO-3
+# Tearing down an interpreter that ran gloo collectives can abort it ("terminate called without an active exception",
+# exit 250, seen in CI): leave the group and exit the way the launcher's own ranks do.
+dist.barrier()
+dist.destroy_process_group()
+exit_after_distributed(0)
