@@ -36,7 +36,7 @@ class ValueHook:
         self.shard = shard  # a tensor-parallel rank's KV heads (hf/tensor_parallel.py); None: all of them
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self.vscale(output) if self.shard is None else self.vscale(output, self.shard)
+        return self.vscale(output, self.shard)
 
 
 class ValueProjectionGuard:

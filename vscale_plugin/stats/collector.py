@@ -57,12 +57,11 @@ def _refuse_tensor_parallel(layers: list[LayerParts]) -> None:
     # Each AutoTP rank holds a share of the heads and of q/k/v/o: per-rank hooks would see partial heads, partial
     # projections and replicated per-position gradients, and report plausible, wrong numbers. Refused until the
     # statistics are combined over the tensor-parallel group.
-    split = [
-        name for name in ("q_proj", "k_proj", "v_proj", "o_proj") if tensor_parallel_size(getattr(layers[0], name)) > 1
-    ]
+    sizes = {name: tensor_parallel_size(getattr(layers[0], name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    split = [name for name, size in sizes.items() if size > 1]
     if split:
         raise NotImplementedError(
-            f"StatsCollector: {', '.join(split)} are split over {tensor_parallel_size(getattr(layers[0], split[0]))} "
+            f"StatsCollector: {', '.join(split)} are split over {sizes[split[0]]} "
             "tensor-parallel ranks (DeepSpeed AutoTP), and the statistics are not yet combined over that group; "
             "measure a run with tensor_parallel.autotp_size 1, or its checkpoint with launchers/analyze.py"
         )
