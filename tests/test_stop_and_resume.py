@@ -48,11 +48,17 @@ def env(tmp_path: Path, cache_dir: Path) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    # As in a terminal's foreground job. Started in the background of a non-interactive shell (CI often is), pytest
+    # inherits SIGINT ignored, and so would DeepSpeed's runner: `kill -INT` would then end nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cmd: list[str | Path], env: dict[str, str], log: Path) -> subprocess.Popen:
     """``cmd`` in a session of its own, its output to ``log`` (a pipe nobody reads would fill and block it)."""
     with open(log, "w") as out:
         return subprocess.Popen([str(c) for c in cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
 
 
 def _deepspeed(save_dir: Path, *flags: str) -> list[str | Path]:
