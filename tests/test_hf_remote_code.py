@@ -165,6 +165,19 @@ def test_theta_trains_in_the_remote_model(tmp_path):
     assert len([n for n, _ in fixed.named_buffers() if "vscale" in n]) == 2
 
 
+def test_a_value_projection_replaced_after_loading_is_an_error_not_a_model_without_vscale(tmp_path):
+    # What DeepSpeed AutoTP does to v_proj in deepspeed.initialize; this file's V-scale does not follow it.
+    remote = _remote_load(_save_vscaled(tmp_path / "d"))
+    attention = remote.model.layers[1].self_attn
+    replacement = torch.nn.Linear(32, 16, bias=False)
+    replacement.load_state_dict(attention.v_proj.state_dict())
+    attention.v_proj = replacement
+    with pytest.raises(
+        RuntimeError, match=r"LlamaAttention\.v_proj was replaced after loading.*vscale_plugin\.from_pretrained"
+    ):
+        remote(_ids())
+
+
 def test_remote_model_saved_again_loads_both_ways(tmp_path):
     d = _save_vscaled(tmp_path / "first", "qwen2")
     again = tmp_path / "again"

@@ -98,6 +98,22 @@ class ValueHook:
         return self.vscale(output)
 
 
+class ValueGuard:
+    """Forward pre-hook on the attention: a value projection replaced after loading (DeepSpeed AutoTP swaps in its own
+    layer) has lost V-scale's hook, and the model would run without V-scale; an error instead."""
+
+    def __init__(self, hooked):
+        self.hooked = hooked
+
+    def __call__(self, attention, args):
+        if attention.get_submodule(VALUE) is not self.hooked:
+            raise RuntimeError(
+                f"V-scale: {{type(attention).__name__}}.{{VALUE}} was replaced after loading (DeepSpeed AutoTP does "
+                "this), and the V-scale of this self-contained file does not follow it; load the model with "
+                "vscale_plugin.from_pretrained, whose V-scale follows AutoTP"
+            )
+
+
 def apply_vscale(model, settings):
     """V-scale on every attention layer of ``model``, from config.vscale = {{"mode": ..., "sigma": ...}}."""
     if not isinstance(settings, dict) or settings.get("mode") not in MODES:
@@ -114,6 +130,7 @@ def apply_vscale(model, settings):
                         settings.get("sigma", DEFAULT_SIGMA), v_proj.weight.device, v_proj.weight.dtype)
         attn.add_module("vscale", vscale)
         v_proj.register_forward_hook(ValueHook(vscale))
+        attn.register_forward_pre_hook(ValueGuard(v_proj))
     return model
 
 
