@@ -1,8 +1,8 @@
-"""V-scale under DeepSpeed AutoTP (issue 15, item 1): with autotp_size 2 on 2 CPU ranks the per-step losses, theta's
-gradient and theta itself equal a run without tensor parallelism on the same global batch; each rank scales its own
-KV heads; checkpoints hold the full theta; a split that cuts a KV head and the statistics collector (not yet
-combined over the TP group) are clear errors. The plugin's side without DeepSpeed: a head shard's V-scale is the
-matching slice of the whole layer's, forward and backward."""
+"""V-scale and the statistics under DeepSpeed AutoTP (issue 15, items 1, 2 and 5): with autotp_size 2 on 2 CPU ranks
+the per-step losses, theta's gradient, theta itself and every SPEC statistic equal a run without tensor parallelism
+on the same global batch, on every registry architecture with statistics that AutoTP accepts; each rank scales its own
+KV heads; checkpoints hold the full theta; a split that cuts a KV head is a clear error. The plugin's side without
+DeepSpeed: a head shard's V-scale is the matching slice of the whole layer's, forward and backward."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from vscale_plugin.hf.registry import REGISTRY
 from vscale_plugin.hf.tensor_parallel import head_shard, tensor_parallel_size
 from vscale_plugin.ops.vscale import HeadShard, VScale
 from vscale_plugin.testing.distributed import run_worker_ranks
@@ -74,7 +75,12 @@ def test_autotp_2_ranks_train_like_one_without_tensor_parallelism(tmp_path, stag
         for got, want in zip(tp["theta"], plain["theta"], strict=True):
             assert got == pytest.approx(want, rel=1e-5)
         assert tp["shards"] == [[[rank, 1]], [[rank, 1]]]  # each rank scales its own KV head, once per layer
-        assert "not yet combined over that group" in result["collector_error"]
+        for step, (got, want) in enumerate(
+            zip(tp["stats"] + tp["stats_local"], plain["stats"] + plain["stats_local"], strict=True)
+        ):
+            assert sorted(got) == sorted(want), step
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-6), step
+        assert len(tp["stats"][0]) > 100 and "qr/int8_error/down_proj/L00" in tp["stats"][0]
         assert result["one_kv_head_error"].startswith("ValueError: DeepSpeed AutoTP split v_proj (1 KV heads of 8)")
         assert "divisor of 1" in result["one_kv_head_error"]
     # The consolidated weights are the run without TP's, full matrices and the full theta.
@@ -91,3 +97,36 @@ def test_autotp_2_ranks_train_like_one_without_tensor_parallelism(tmp_path, stag
             saved = [v.tolist() for k, v in states["module"].items() if k.endswith(".vscale.theta")]
             for got, want in zip(saved, ranks[0]["plain"]["theta"], strict=True):
                 assert got == pytest.approx(want, rel=1e-5)
+
+
+# DeepSpeed 0.19.8 refuses these models' own tensor-parallel plans ("unsupported partition style(s):
+# ['rowwise_split_input']"), before anything trains.
+REFUSED_BY_AUTOTP = {"glm", "glm4"}
+
+
+@pytest.mark.distributed
+def test_every_architecture_with_statistics_measures_under_autotp_as_without_it(tmp_path):
+    """AutoTP 2 at ZeRO-1 on every registry architecture with statistics: the same losses, theta and statistics as the
+    run without TP on the same global batch (the statistics all-reduced over both ranks, and over the TP group only),
+    or DeepSpeed's own refusal of the model's plan."""
+    architectures = sorted(name for name, arch in REGISTRY.items() if arch.has_statistics)
+    ranks = run_worker_ranks(WORKER, tmp_path, num_gpus=2, env={"VSP_ARCHITECTURES": ",".join(architectures)})
+    for rank, result in enumerate(ranks):
+        for arch in architectures:
+            runs = result[arch]
+            if arch in REFUSED_BY_AUTOTP:
+                assert "unsupported partition style" in runs["error"], (arch, runs)
+                continue
+            assert "error" not in runs, (arch, runs)
+            plain, tp = runs["plain"], runs["tp"]
+            assert tp["v_proj"] != plain["v_proj"], arch  # AutoTP did replace v_proj
+            assert tp["losses"] == pytest.approx(plain["losses"], rel=1e-5), arch
+            assert tp["shards"] == [[[rank, 1]], [[rank, 1]]], arch
+            for got, want in zip(tp["theta"], plain["theta"], strict=True):
+                assert got == pytest.approx(want, rel=1e-5), arch
+            for step, (got, want) in enumerate(
+                zip(tp["stats"] + tp["stats_local"], plain["stats"] + plain["stats_local"], strict=True)
+            ):
+                assert sorted(got) == sorted(want), (arch, step)
+                assert got == pytest.approx(want, rel=1e-3, abs=1e-6), (arch, step)
+            assert len(tp["stats"][0]) > 100, arch

@@ -11,6 +11,12 @@ come last (:mod:`vscale_plugin.stats.metrics`). Positions are counted from each 
 With ``quant_readiness`` (the default), forward hooks on h_out and on the inputs of the layer's linears also record the
 ``qr/`` statistics (:mod:`vscale_plugin.stats.quant_readiness`): kurtosis exact over every real token of the step,
 max_over_median and int8_error per forward call (one micro-batch on one rank) and averaged over the step's calls.
+
+Under DeepSpeed AutoTP the numbers are those of the run without tensor parallelism on the same global batch: what the
+ranks of a tensor-parallel group hold alike (the residual stream, the norms' outputs, every per-position gradient)
+counts once per rank, as do the sequences it is divided by; what they split is combined over the group - the heads
+(sink statistics, value norms and phi, by their sums), the inputs of row-parallel linears (gathered before their qr/
+statistics) and the split matrices (their shares' squared gradient norms added).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import torch.distributed as dist
 from torch import nn
 
 from vscale_plugin.hf.registry import LayerParts, layer_parts
-from vscale_plugin.hf.tensor_parallel import tensor_parallel_size
+from vscale_plugin.hf.tensor_parallel import (
+    full_features,
+    gather_features,
+    row_parallel,
+    sharded_parameter,
+    tensor_parallel_group,
+    tensor_parallel_size,
+)
 from vscale_plugin.ops.vscale import VScale, phi
 from vscale_plugin.stats import metrics
 from vscale_plugin.stats import quant_readiness as qr
@@ -53,18 +66,41 @@ def _unwrap(model_or_engine: Any) -> nn.Module:
     return module
 
 
-def _refuse_tensor_parallel(layers: list[LayerParts]) -> None:
-    # Each AutoTP rank holds a share of the heads and of q/k/v/o: per-rank hooks would see partial heads, partial
-    # projections and replicated per-position gradients, and report plausible, wrong numbers. Refused until the
-    # statistics are combined over the tensor-parallel group.
-    sizes = {name: tensor_parallel_size(getattr(layers[0], name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    split = [name for name, size in sizes.items() if size > 1]
-    if split:
-        raise NotImplementedError(
-            f"StatsCollector: {', '.join(split)} are split over {sizes[split[0]]} "
-            "tensor-parallel ranks (DeepSpeed AutoTP), and the statistics are not yet combined over that group; "
-            "measure a run with tensor_parallel.autotp_size 1, or its checkpoint with launchers/analyze.py"
-        )
+def _tensor_parallel(layers: list[LayerParts]) -> Any:
+    """The tensor-parallel group the layers are split over (DeepSpeed AutoTP), None without one; a layout the
+    statistics do not combine is refused.
+
+    What AutoTP gives and the statistics rely on: q/k/v (and the MLP's input side) column-parallel, each rank
+    computing whole heads of the whole input, whose gradient the layer all-reduces; o_proj (and the down projection)
+    row-parallel, its output all-reduced. The residual stream, the norms' outputs and every per-position gradient are
+    then the same on every rank of the group; only the heads, the row-parallel inputs and the split matrices differ.
+    """
+    groups = []
+    for parts in layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            module = getattr(parts, name)
+            if tensor_parallel_size(module) == 1:
+                continue
+            column = not row_parallel(module) and not getattr(module, "gather_output", False)
+            if column == (name == "o_proj"):
+                raise NotImplementedError(
+                    f"StatsCollector: layer {parts.index}'s {name} is split over tensor-parallel ranks as a "
+                    f"{'column' if column else 'row'}-parallel {type(module).__name__}, a layout whose statistics "
+                    "are not combined (AutoTP makes q/k/v column- and o_proj row-parallel); measure a run with "
+                    "tensor_parallel.autotp_size 1, or its checkpoint with launchers/analyze.py"
+                )
+            groups.append(tensor_parallel_group(module))
+    if any(group is not groups[0] for group in groups):
+        raise NotImplementedError("StatsCollector: the layers are split over different tensor-parallel groups")
+    return groups[0] if groups else None
+
+
+def _mean_over_heads(per_head: torch.Tensor, module: nn.Module, head_dim: int) -> torch.Tensor:
+    """This rank's share of the mean over a layer's KV heads of per-head values (..., the heads ``module`` gives this
+    rank): the sum over its heads / all heads * the tensor-parallel size. Added over the group's ranks, whose counts of
+    sequences add up as well, it is the mean over all heads; without tensor parallelism, the mean."""
+    heads = full_features(module, per_head.shape[-1] * head_dim) // head_dim
+    return per_head.sum(-1) * (tensor_parallel_size(module) / heads)
 
 
 def _is_engine(obj: Any) -> bool:
@@ -97,9 +133,10 @@ class StatsCollector:
     ``accelerator.prepare`` returns under DeepSpeed) or Accelerate's ``DeepSpeedEngineWrapper`` around one.
     With an engine, parameter gradients are read through ``deepspeed.utils.safe_get_full_grad`` right after the
     boundary micro-batch's backward (before clipping and the optimiser step), identical under ZeRO 0-3.
-    ``distributed=False`` keeps the statistics of this process only. ``quant_readiness=False`` leaves out the ``qr/``
-    statistics (and their hooks). Architectures without statistics (see the registry) are refused here, with the
-    reason.
+    ``distributed=False`` keeps the statistics of this process's data only (under DeepSpeed AutoTP, combined over its
+    tensor-parallel group, whose ranks together hold the model that saw it). ``quant_readiness=False`` leaves out the
+    ``qr/`` statistics (and their hooks). Architectures without statistics (see the registry) are refused here, with
+    the reason.
     """
 
     def __init__(
@@ -111,11 +148,10 @@ class StatsCollector:
             model_or_engine = model_or_engine.engine  # Accelerate's DeepSpeedEngineWrapper
         self.target = model_or_engine
         self.model = _unwrap(model_or_engine)
-        self.layers = layer_parts(self.model)
-        _refuse_tensor_parallel(self.layers)
         self.every = every
         self.distributed = distributed
-        self._taps = [qr.taps(parts) if quant_readiness else [] for parts in self.layers]
+        self.quant_readiness = quant_readiness
+        self._resolve()
         self._result: dict[str, float] = {}
         self._profiles: dict[str, Any] = {}
         self._warned = False
@@ -130,6 +166,13 @@ class StatsCollector:
         self._handles: list[Any] | None = None
         self._restore_backward = None
         self._grads_read = False
+
+    def _resolve(self) -> None:
+        # Where to hook, again at each captured step: deepspeed.initialize (AutoTP) may have replaced the projections
+        # since the collector was made, and hooks on the old modules would see nothing.
+        self.layers = layer_parts(self.model)
+        self._tp_group = _tensor_parallel(self.layers)
+        self._taps = [qr.taps(parts) if self.quant_readiness else [] for parts in self.layers]
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -161,6 +204,7 @@ class StatsCollector:
         if not self.due(step):
             return False
         self._step = step
+        self._resolve()
         self._sums = [{} for _ in self.layers]
         self._counts = torch.zeros(PROFILE + 1, dtype=torch.float64)
         self._capture_token = object()
@@ -331,16 +375,20 @@ class StatsCollector:
     def _value(self, i: int, module, args, output) -> None:
         if _in_backward():
             return
-        heads = output.detach().unflatten(-1, (-1, self.layers[i].head_dim))
-        self._add_norms(i, "fwd/v", self._rows.align(heads, REST).float().norm(dim=-1).mean(-1))  # mean over KV heads
+        head_dim = self.layers[i].head_dim
+        norms = self._rows.align(output.detach().unflatten(-1, (-1, head_dim)), REST).float().norm(dim=-1)
+        self._add_norms(i, "fwd/v", _mean_over_heads(norms, module, head_dim))  # mean over KV heads
 
     def _phi(self, i: int, module: VScale, args, output) -> None:
         if _in_backward():
             return
-        v = args[0].detach().unflatten(-1, (module.num_kv_heads, module.head_dim)).float()
+        shard = args[1] if len(args) > 1 else None  # a tensor-parallel rank's KV heads (ValueHook passes it)
+        v = args[0].detach().unflatten(-1, (-1, module.head_dim)).float()
         with torch.no_grad():
-            p = phi(v.square().sum(-1), module.constant().squeeze(-1).to(v.device))  # (b, T, kv)
-            self._add_norms(i, "phi", self._rows.align(p, REST).mean(-1))
+            p = phi(v.square().sum(-1), module.constant(shard).squeeze(-1).to(v.device))  # (b, T, kv)
+            self._add_norms(
+                i, "phi", _mean_over_heads(self._rows.align(p, REST), self.layers[i].v_proj, module.head_dim)
+            )
             self._sums[i]["lambda"] = module.lam().detach().double().cpu()
 
     def _attention(self, i: int, module, args, kwargs, output) -> None:
@@ -353,6 +401,8 @@ class StatsCollector:
             q, k = kernel_queries_keys(
                 scratch.pop("q"), scratch.pop("k"), parts.head_dim, parts.rope, kwargs.get("position_embeddings")
             )
+            # Under tensor parallelism this rank's heads: the sums count (sequence, head) pairs, so adding them over
+            # the group covers every head once.
             column = sink_column(q, k, parts.scaling, self._rows, parts.sliding_window, parts.softcap)
             self._add(i, "sinks", sink_sums(column, self._rows).cpu())
 
@@ -365,6 +415,8 @@ class StatsCollector:
     def _quant_readiness(self, i: int, tap: qr.Tap, x: torch.Tensor) -> None:
         if _in_backward():
             return
+        if not tap.output and row_parallel(tap.module):
+            x = gather_features(x, tap.module)  # whole-tensor statistics of the input a run without TP has
         with torch.no_grad():
             x = qr.real_tokens(x, self._rows.mask(x.shape[1]) if self._rows.padded else None)
             if tap.point is not None:
@@ -406,17 +458,25 @@ class StatsCollector:
         engine = self.target if _is_engine(self.target) else None
         if engine is not None:
             from deepspeed.utils import safe_get_full_grad
+        squares: dict[str, list[float]] = {}  # [replicated, this rank's shares of split matrices]
         for i, parts in enumerate(self.layers):
             for group in PARAM_GROUPS:
                 params = _params(parts, group)
                 if not params:
                     continue
-                total = 0.0
+                total = squares[f"grad/{group}/L{i:02d}"] = [0.0, 0.0]
                 for p in params:
                     grad = safe_get_full_grad(p) if engine is not None else p.grad
                     if grad is not None:
-                        total += grad.detach().double().square().sum().item() / self._loss_scale() ** 2
-                self._param_norms[f"grad/{group}/L{i:02d}"] = math.sqrt(total)
+                        total[sharded_parameter(p)] += grad.detach().double().square().sum().item()
+        if self._tp_group is not None:  # the norm of the whole matrix: its shares' squares added over the group
+            keys = sorted(squares)
+            split = torch.tensor([squares[key][1] for key in keys], dtype=torch.float64, device=_reduce_device())
+            dist.all_reduce(split, group=self._tp_group)
+            for key, value in zip(keys, split.tolist(), strict=True):
+                squares[key][1] = value
+        scale = self._loss_scale()
+        self._param_norms = {key: math.sqrt(sum(total)) / scale for key, total in squares.items()}
 
     def _loss_scale(self) -> float:
         engine = self.target
@@ -440,10 +500,15 @@ class StatsCollector:
             if isinstance(getattr(self.layers[i].attention, "vscale", None), VScale):
                 sums.setdefault("phi", torch.zeros(REST, dtype=torch.float64))
             state.update({f"L{i:02d}/{key}": value for key, value in sums.items() if key != "lambda"})
+        # Over every rank, or (distributed=False) over this rank's tensor-parallel group, whose ranks hold one model's
+        # parts. Sums of what a TP group's ranks hold alike count it once per rank, as do the counts of sequences
+        # they are divided by; the gradients are divided by the ranks summed over, as the optimiser averages them.
+        group = None if self.distributed else self._tp_group
         world = 1
-        if self.distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            state = _all_reduce_sum(state, _reduce_device())
+        if dist.is_available() and dist.is_initialized() and (self.distributed or group is not None):
+            world = dist.get_world_size(group)
+        if world > 1:
+            state = _all_reduce_sum(state, _reduce_device(), group)
         self._result, self._profiles = self._metrics(state, world)
 
     def _metrics(self, state: dict[str, torch.Tensor], world: int) -> tuple[dict[str, float], dict[str, Any]]:
@@ -482,11 +547,14 @@ def _reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce_sum(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The sum over ranks of every tensor, in one collective (every rank passes the same keys and shapes)."""
+def _all_reduce_sum(
+    tensors: dict[str, torch.Tensor], device: torch.device, group: Any = None
+) -> dict[str, torch.Tensor]:
+    """The sum over the ranks of ``group`` (None: all) of every tensor, in one collective (every rank passes the same
+    keys and shapes)."""
     keys = sorted(tensors)
     flat = torch.cat([tensors[k].to(device=device, dtype=torch.float64).flatten() for k in keys])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     out, offset = {}, 0
     for key in keys:
         n = tensors[key].numel()

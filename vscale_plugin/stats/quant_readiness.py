@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vscale_plugin.hf.registry import LayerParts
+from vscale_plugin.hf.tensor_parallel import tensor_parallel_size
 
 INT8_MAX = 127
 
@@ -40,17 +41,18 @@ _MLP_INPUT_SIDE = (("gate_up_proj", ("gate_proj", "up_proj")), ("gate_proj", ("g
 _MLP_DOWN = ("down_proj", "c_proj")
 
 
-def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+def _linear(module: nn.Module, name: str) -> nn.Module | None:
+    # A linear, or DeepSpeed AutoTP's split layer that replaced it (not an nn.Linear: the MLP keys would vanish)
     child = getattr(module, name, None)
-    return child if isinstance(child, nn.Linear) else None
+    return child if isinstance(child, nn.Linear) or tensor_parallel_size(child) > 1 else None
 
 
-def down_projection(mlp: nn.Module) -> nn.Linear | None:
+def down_projection(mlp: nn.Module) -> nn.Module | None:
     """The MLP's down projection (its input is ``down_proj_in``), None for a mixture-of-experts block."""
     return next((linear for name in _MLP_DOWN if (linear := _linear(mlp, name)) is not None), None)
 
 
-def mlp_input_side(mlp: nn.Module) -> tuple[nn.Linear, tuple[str, ...]] | None:
+def mlp_input_side(mlp: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
     """(the linear whose input is h̃_half, the qr/int8_error keys it stands for), None for an MLP without one."""
     if down_projection(mlp) is None:
         return None
