@@ -6,11 +6,10 @@ CPU ranks, ZeRO-2; ``--stop_after_steps`` keeps the full run's schedule) and mus
 statistics within the tolerances of :mod:`vscale_plugin.testing.sinklab`. A change that breaks V-scale (or turns it
 off), the statistics or the data moves them further than that: the baseline and V-scale differ by far more.
 
-The curves are those of one CPU (``made_with.cpu``): another CPU's kernels round differently in the 8th digit after a
-few steps, and sink formation grows that into statistics beyond the tolerances (seen on 2026-12-04 on a new host:
-the code of the day before, and with transformers 5.24 or 5.25 and DeepSpeed 0.19.7 or 0.19.8 alike, the baseline's
-gs/ratio/L00 at step 300 was 2.9 against 12.8). On a new host rewrite the reference with the command in
-``made_with`` and check that the paper's claims still hold in it."""
+The runs hold the CPU kernels at AVX2 (``sinklab.KERNELS``, recorded in ``made_with.kernels``). With each CPU's default
+kernels the curves were one CPU's: on 2026-12-04 an AVX-512 host gave the baseline's gs/ratio/L00 at step 300 as 2.9
+against the reference's 12.8 (the same code, transformers 5.24 or 5.25, DeepSpeed 0.19.7 or 0.19.8 alike), and
+repeated the reference with the kernels held at AVX2. A CPU without AVX2 skips the reruns, naming the reason."""
 
 from __future__ import annotations
 
@@ -40,9 +39,12 @@ def reference():
 
 @pytest.fixture(scope="module")
 def reruns(tmp_path_factory):
+    unavailable = sinklab.kernels_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
     root = tmp_path_factory.mktemp("sinklab")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env = sinklab.environment({**os.environ, "MLFLOW_TRACKING_URI": uri})
     client = MlflowClient(uri)
     out = {}
     for mode in ("off", "learned"):
@@ -55,8 +57,9 @@ def reruns(tmp_path_factory):
     return out
 
 
-def test_the_reference_was_made_with_the_preset_as_it_is(reference):
+def test_the_reference_was_made_with_the_preset_and_kernels_as_they_are(reference):
     assert reference["made_with"]["preset"] == json.loads(json.dumps(PRESET.as_dict()))
+    assert reference["made_with"]["kernels"] == sinklab.KERNELS
     for mode in sinklab.REFERENCE_MODES:
         curves = reference["runs"][mode]
         assert len(curves["loss"]) == PRESET.max_steps

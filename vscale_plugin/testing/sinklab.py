@@ -9,9 +9,13 @@ V-scale, then their curves from MLflow, and the study's report beside them):
 
     python -m vscale_plugin.testing.sinklab --write tests/data/sinklab_reference.json
 
-A rerun of the same code on the same kind of machine repeats the curves to float32 rounding; the comparison's
-tolerances (:data:`LOSS_RTOL`, :data:`STATS_RTOL`) leave room for another CPU's arithmetic and stay far below the
-gap between the baseline and V-scale.
+Every run here holds the CPU kernels at one instruction set (:data:`KERNELS`: AVX2 for torch's own kernels, MKL's and
+oneDNN's). Without that the curves were those of one CPU: on an AVX-512 host the default kernels round differently in
+the 8th digit after a few steps, and sink formation grows that into different statistics (the baseline's
+gs/ratio/L00 at step 300 was 2.9 there against 12.8 on the AVX2 host that made the reference; with the kernels held
+at AVX2 the AVX-512 host repeats the reference). So any x86-64 CPU with AVX2 repeats the curves to float32 rounding,
+and the comparison's tolerances (:data:`LOSS_RTOL`, :data:`STATS_RTOL`) stay far below the gap between the baseline
+and V-scale. Other CPUs cannot run these kernels (:func:`kernels_unavailable` says why).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -36,6 +42,25 @@ LOSS_RTOL = 0.02
 STATS_RTOL = 0.15
 STATS_ATOL = 0.02
 REFERENCE_MODES = ("off", "learned", "fixed")
+# The instruction set of every CPU kernel of a sinklab run (torch's vectorised kernels, MKL's BLAS, oneDNN): set in the
+# environment of the launcher, before torch loads.
+KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the kernels held at :data:`KERNELS`."""
+    return {**(os.environ if base is None else base), **KERNELS}
+
+
+def kernels_unavailable() -> str | None:
+    """Why this CPU cannot run the reference's kernels (not x86-64, or no AVX2); None where it can."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the reference curves are AVX2 kernels' and this CPU is {platform.machine()}"
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None  # no /proc/cpuinfo to ask: try
+    return None if "avx2" in flags.split() else "the reference curves are AVX2 kernels' and this CPU has no AVX2"
 
 
 def curves(client, run_id: str) -> dict[str, Any]:
@@ -94,6 +119,10 @@ def write_reference(path: Path, out: Path, experiment: str | None = None) -> dic
     from vscale_plugin.train.recipe import PRESETS
 
     if experiment is None:
+        unavailable = kernels_unavailable()
+        if unavailable:
+            raise SystemExit(f"{unavailable}; the reference is unchanged")
+        os.environ.update(KERNELS)  # for the study's launcher processes
         experiment = f"sinklab-reference-{time.strftime('%Y%m%d-%H%M%S')}"
         code = study.run(["--preset", "sinklab", "--experiment", experiment, "--out", str(out),
                           "--modes", ",".join(REFERENCE_MODES)])  # fmt: skip
@@ -120,6 +149,7 @@ def write_reference(path: Path, out: Path, experiment: str | None = None) -> dic
             # The curves depend on the CPU's floating-point kernels (SIMD width, summation order): rounding that
             # differs in the 8th digit after a few steps grows, through sink formation, into different statistics.
             "cpu": _cpu_model(),
+            "kernels": KERNELS,
             "preset": PRESETS["sinklab"].as_dict(),
             "ranks": 2,
             "ds_config": "zero2",
@@ -131,8 +161,6 @@ def write_reference(path: Path, out: Path, experiment: str | None = None) -> dic
 
 
 def _cpu_model() -> str:
-    import platform
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
