@@ -17,6 +17,7 @@ from vscale_plugin.hf.sequence_parallel import (
     MIN_DEEPSPEED,
     check_sequence_parallel,
     check_sequence_parallel_batch,
+    sequence_parallel_size,
     zero3_averages_over_sequence_parallel,
 )
 from vscale_plugin.testing.distributed import run_worker_ranks
@@ -42,6 +43,7 @@ def test_a_tiny_llama_with_sdpa_passes_and_sp_size_1_checks_nothing():
     check_sequence_parallel(model, 2)  # the installed DeepSpeed
     with pytest.raises(ValueError, match="positive integer"):
         check_sequence_parallel(model, 0)
+    assert sequence_parallel_size(model) == 1 and sequence_parallel_size(SimpleNamespace()) == 1
 
 
 def test_eager_attention_is_refused_with_the_fix():
@@ -147,6 +149,7 @@ def test_ulysses_sp_2_ranks_train_like_one_without_sequence_parallelism(tmp_path
         plain, sp = result["plain"], result["sp"]
         shard = slice(rank * 8, (rank + 1) * 8)
         assert (plain["sequence_parallel_size"], sp["sequence_parallel_size"], sp["seq_dp_world_size"]) == (1, 2, 2)
+        assert (plain["read_sp_size"], sp["read_sp_size"]) == ([1, 1], [2, 2])  # engine and bare model
         # DeepSpeed's data loader adapter: rank 0's batch first, then rank 1's, each cut into the ranks' shards
         for step, micro in enumerate(sp["micro_batches"]):
             assert micro["input_ids"] == _batch(step % 2)[:, shard].tolist(), step

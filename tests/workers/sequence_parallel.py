@@ -30,6 +30,7 @@ from vscale_plugin.hf.sequence_parallel import (
     check_sequence_parallel,
     check_sequence_parallel_batch,
     sequence_parallel_loss,
+    sequence_parallel_size,
 )
 from vscale_plugin.testing.distributed import engine_config, gathered, worker_main
 from vscale_plugin.testing.models import randomise_theta, tiny_model
@@ -177,6 +178,7 @@ def train(sp: bool, rank: int) -> dict:
         out["unchecked"] = unchecked_batches(engine, rank)
     out["seen"] = {**recorder.seen, **kernel}
     out["sequence_parallel_size"] = engine.sequence_parallel_size
+    out["read_sp_size"] = [sequence_parallel_size(engine), sequence_parallel_size(engine.module)]
     out["seq_dp_world_size"] = engine.seq_dp_world_size
     out["dp_world_size"] = engine.dp_world_size
     return out

@@ -26,6 +26,11 @@ size, before anything is built) and :func:`check_sequence_parallel_batch` (a bat
 :func:`sequence_parallel_loss` combines the shards' losses as the HF Trainer does (token-weighted mean over the SP
 group, each rank back-propagating its own share: ZeRO-1/2 sum gradients over the SP group; ZeRO-3 before DeepSpeed
 0.20.2 averages them, which the loss makes up for).
+
+The statistics collector does not know sequence parallelism yet: under Ulysses each rank takes its shard for whole
+sequences (position 0 of rank 1's shard counted as token 0, sinks from a shard's queries; measured on 2 ranks: 99 of
+129 statistics differ from the run without SP). :func:`sequence_parallel_size` tells it (or anyone) that a model or
+engine runs under Ulysses.
 """
 
 from __future__ import annotations
@@ -237,6 +242,35 @@ def check_sequence_parallel_batch(batch: Mapping[str, Any], sp_size: int) -> Non
         )
     if problems:
         raise ValueError(f"batch for Ulysses sequence parallelism (size {sp_size}): " + "; ".join(problems))
+
+
+def sequence_parallel_size(model_or_engine: Any) -> int:
+    """How many Ulysses ranks share each sequence that ``model_or_engine`` sees: a DeepSpeed engine's
+    ``sequence_parallel_size``, or for a bare model, the SP size of the Ulysses wrapper that
+    ``UlyssesSPAttentionHF.register_with_transformers`` put in place of its attention function (process-wide, in
+    transformers' ``ALL_ATTENTION_FUNCTIONS``); 1 without sequence parallelism. For code that must not mistake one
+    rank's sequence shard for whole sequences (the statistics collector)."""
+    size = getattr(model_or_engine, "sequence_parallel_size", None)
+    if isinstance(size, int) and size > 1:
+        return size
+    model = getattr(model_or_engine, "module", model_or_engine)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is None:
+        return 1
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return 1
+    function = ALL_ATTENTION_FUNCTIONS.get(impl)
+    code, closure = getattr(function, "__code__", None), getattr(function, "__closure__", None)
+    if code is None or not closure:
+        return 1
+    # Ulysses' wrapper is a closure over its UlyssesSPAttentionHF module, named uattn
+    cells = dict(zip(code.co_freevars, closure, strict=True))
+    ulysses = cells["uattn"].cell_contents if "uattn" in cells else None
+    if type(ulysses).__name__ == "UlyssesSPAttentionHF":
+        return int(ulysses.world_size)
+    return 1
 
 
 def zero3_averages_over_sequence_parallel(zero_stage: int, deepspeed_version: str | None = None) -> bool:
