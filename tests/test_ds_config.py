@@ -17,14 +17,17 @@ def test_the_checkout_ds_configs_is_a_symlink_to_the_shipped_configs():
     # One copy: README's `--ds_config ds_configs/zero2.json` reads the very files the wheel carries.
     assert (REPO / "ds_configs").is_symlink()
     assert (REPO / "ds_configs").resolve() == CONFIG_DIR.resolve()
-    assert SHIPPED == ["zero1.json", "zero2.json", "zero2_offload.json", "zero3.json"]
+    assert SHIPPED == ["zero1.json", "zero1_tp2.json", "zero2.json", "zero2_offload.json", "zero3.json"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_loads_and_fills_for_two_ranks(name):
-    filled = fill_ds_config(load_ds_config(name), micro_batch=2, global_batch=8, world_size=2, grad_clip=1.0,
-                            bf16=False, pin_memory=False)  # fmt: skip
-    assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 2
+    filled = fill_ds_config(load_ds_config(name, tensor_parallel=True), micro_batch=2, global_batch=8, world_size=2,
+                            grad_clip=1.0, bf16=False, pin_memory=False)  # fmt: skip
+    if "_tp2" in name:  # one data-parallel rank: 4 micro-batches per step; DeepSpeed derives train_batch_size
+        assert "train_batch_size" not in filled and filled["gradient_accumulation_steps"] == 4
+    else:
+        assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 2
     assert filled["zero_optimization"]["stage"] == int(name[len("zero")])
 
 
@@ -55,17 +58,21 @@ def test_a_missing_config_is_an_error_listing_names_that_resolve(value, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("extra", "key"),
+    ("extra", "key", "tensor_parallel"),
     [
-        ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size 2"),
-        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2"),
+        # launchers/analyze.py: its data path gives every rank its own batches (launchers/pretrain.py runs AutoTP)
+        ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size 2: this launcher does not run", False),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2: the launchers do not run sequence", False),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2: the launchers do not run sequence", True),
     ],
 )
-def test_tensor_or_sequence_parallelism_is_refused_before_anything_is_built(tmp_path, extra, key):
+def test_sequence_parallelism_and_tp_outside_pretrain_are_refused_before_anything_is_built(
+    tmp_path, extra, key, tensor_parallel
+):
     path = tmp_path / "tp.json"
     path.write_text(json.dumps({**json.loads((CONFIG_DIR / "zero1.json").read_text()), **extra}))
-    with pytest.raises(ConfigError, match=rf"--ds_config {path}: {key}: the launchers do not run tensor or sequence"):
-        load_ds_config(path)
+    with pytest.raises(ConfigError, match=rf"--ds_config {path}: {key}"):
+        load_ds_config(path, tensor_parallel=tensor_parallel)
     path.write_text(
         json.dumps({**json.loads((CONFIG_DIR / "zero1.json").read_text()), "tensor_parallel": {"autotp_size": 1}})
     )

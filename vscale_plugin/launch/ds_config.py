@@ -36,7 +36,10 @@ def resolve_ds_config(value: str | Path) -> Path:
     raise ConfigError(f"--ds_config {value}: no such file; available: {_available()}, or the path of your own JSON")
 
 
-def load_ds_config(value: str | Path) -> dict[str, Any]:
+def load_ds_config(value: str | Path, tensor_parallel: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config ``--ds_config value`` names. Sequence parallelism is refused; tensor parallelism
+    (``tensor_parallel.autotp_size`` > 1) too unless ``tensor_parallel``: the launcher whose data path feeds a
+    tensor-parallel group the same batches (``launchers/pretrain.py``) passes it."""
     path = resolve_ds_config(value)
     try:
         config = json.loads(path.read_text())
@@ -46,27 +49,91 @@ def load_ds_config(value: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(config, dict):
         raise ConfigError(f"--ds_config {value}: expected a JSON object of DeepSpeed settings; see {_available()}")
-    _refuse_model_parallelism(config, value)
+    _refuse_model_parallelism(config, value, tensor_parallel)
     return config
 
 
-def _refuse_model_parallelism(config: dict[str, Any], value: str | Path) -> None:
-    # The launchers give every rank batches of its own; AutoTP needs the same batch on every rank of a TP group and
-    # Ulysses needs sequence shards, and the statistics are not yet combined over either group (README "Scaling
-    # out"). Refused here, before anything is built, instead of DeepSpeed's assertion after the first batch.
-    tp = (
-        config.get("tensor_parallel", {}).get("autotp_size", 1)
-        if isinstance(config.get("tensor_parallel"), dict)
-        else 1
-    )
+def _refuse_model_parallelism(config: dict[str, Any], value: str | Path, tensor_parallel: bool) -> None:
+    # Ulysses needs sequence shards, and AutoTP the same batch on every rank of a TP group, which a launcher's data
+    # path must give (launchers/pretrain.py does for AutoTP). Refused here, before anything is built, instead of
+    # DeepSpeed's assertion after the first batch.
+    tp = tensor_parallel_size(config, value)  # a malformed size fails here too
     sp = config.get("sequence_parallel_size", 1)
-    for key, size in (("tensor_parallel.autotp_size", tp), ("sequence_parallel_size", sp)):
-        if isinstance(size, int) and size > 1:
-            raise ConfigError(
-                f"--ds_config {value}: {key} {size}: the launchers do not run tensor or sequence parallelism yet "
-                "(their data path gives every rank its own batches); drop it, or use AutoTP from your own loop or "
-                'Trainer, where V-scale follows it (README "Scaling out")'
-            )
+    if isinstance(sp, int) and sp > 1:
+        raise ConfigError(
+            f"--ds_config {value}: sequence_parallel_size {sp}: the launchers do not run sequence parallelism yet "
+            "(their data path gives every rank its own batches); drop it"
+        )
+    if tp > 1 and not tensor_parallel:
+        raise ConfigError(
+            f"--ds_config {value}: tensor_parallel.autotp_size {tp}: this launcher does not run tensor parallelism "
+            "yet (its data path gives every rank its own batches); drop it, or use AutoTP from launchers/pretrain.py, "
+            'your own loop or Trainer, where V-scale follows it (README "Scaling out")'
+        )
+
+
+def tensor_parallel_size(config: dict[str, Any], value: str | Path = "") -> int:
+    """The AutoTP size of a DeepSpeed config (``"tensor_parallel": {"autotp_size": N}``); 1 without it."""
+    section = config.get("tensor_parallel")
+    if section is None:
+        return 1
+    size = section.get("autotp_size", 1) if isinstance(section, dict) else None
+    if size is None:
+        size = 1
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(
+            f'--ds_config {value}: "tensor_parallel" must be {{"autotp_size": N}} with N a whole number of ranks '
+            f"(got {json.dumps(section)}); e.g. ds_configs/zero1_tp2.json"
+        )
+    return max(size, 1)  # DeepSpeed reads 0 as off
+
+
+# The first DeepSpeed releases with AutoTP training, and with AutoTP training under ZeRO-3.
+AUTOTP_SINCE = "0.16.4"
+AUTOTP_ZERO3_SINCE = "0.19.4"
+
+
+def check_tensor_parallel(tp: int, world_size: int, zero_stage: int, deepspeed_version: str | None = None) -> None:
+    """A ConfigError when AutoTP of ``tp`` ranks cannot run here: ``tp`` not dividing the ranks, or a DeepSpeed too
+    old for AutoTP training (or for AutoTP under ZeRO-3). ``deepspeed_version``: the installed one when None."""
+    if tp == 1:
+        return
+    if world_size % tp:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ConfigError(
+            f"tensor_parallel.autotp_size {tp} does not divide the {world_size} ranks: each tensor-parallel group "
+            f"is {tp} ranks; launch a multiple of {tp} ranks (deepspeed --num_gpus {tp * max(1, world_size // tp)}) "
+            f"or set autotp_size to one of {divisors}"
+        )
+    from packaging.version import Version
+
+    if deepspeed_version is None:
+        import deepspeed
+
+        deepspeed_version = deepspeed.__version__
+    installed = Version(deepspeed_version)
+    if installed < Version(AUTOTP_SINCE):
+        raise ConfigError(
+            f"tensor_parallel.autotp_size {tp}: AutoTP training needs DeepSpeed >= {AUTOTP_SINCE}, this is "
+            f"{deepspeed_version}; pip install 'deepspeed>={AUTOTP_SINCE}', or drop tensor_parallel"
+        )
+    if zero_stage == 3 and installed < Version(AUTOTP_ZERO3_SINCE):
+        raise ConfigError(
+            f"tensor_parallel.autotp_size {tp} with ZeRO-3: AutoTP under ZeRO-3 needs DeepSpeed >= "
+            f"{AUTOTP_ZERO3_SINCE}, this is {deepspeed_version}; pip install 'deepspeed>={AUTOTP_ZERO3_SINCE}', or use "
+            "ZeRO-1/2 (e.g. ds_configs/zero1_tp2.json)"
+        )
+
+
+def check_kv_heads(tp: int, kv_heads: int, model: str) -> None:
+    """A ConfigError when ``tp`` ranks cannot each compute whole KV heads of ``model`` (``kv_heads`` of them)."""
+    if tp > 1 and kv_heads % tp:
+        divisors = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0]
+        raise ConfigError(
+            f"tensor_parallel.autotp_size {tp} does not divide the {kv_heads} KV heads of {model}: every "
+            f"tensor-parallel rank needs whole KV heads (V-scale's norm is per head); set autotp_size to one of "
+            f"{divisors}"
+        )
 
 
 def _resolve(config: dict, key: str, value: Any, flag: str) -> None:
@@ -90,21 +157,43 @@ def fill_ds_config(
     bf16: bool,
     pin_memory: bool,
 ) -> dict[str, Any]:
-    """A copy of ``config`` with every "auto" resolved; batch sizes checked for consistency."""
+    """A copy of ``config`` with every "auto" resolved; batch sizes checked for consistency.
+
+    Under tensor parallelism (``tensor_parallel.autotp_size`` N > 1) the ``world_size`` ranks are ``world_size / N``
+    data-parallel ranks: the ranks of one tensor-parallel group train on the same micro-batches, so ``global_batch``
+    is ``micro_batch`` x accumulation steps x ``world_size / N``. ``train_batch_size`` is then left out for DeepSpeed
+    to derive: DeepSpeed 0.19.8 checks it against all ranks as data-parallel when the engine is built, and under
+    ZeRO-3 again against the data-parallel ranks alone, so no single value passes both."""
     if micro_batch < 1 or global_batch < 1:
         raise ConfigError(f"--micro_batch ({micro_batch}) and --global_batch ({global_batch}) must be positive")
-    per_step = micro_batch * world_size
+    tp = tensor_parallel_size(config)
+    data_parallel = world_size // tp
+    per_step = micro_batch * data_parallel
+    ranks = f"{world_size} ranks"
+    if tp > 1:
+        ranks = f"{data_parallel} data-parallel ranks ({world_size} ranks / autotp_size {tp})"
     if global_batch % per_step:
         raise ConfigError(
-            f"--global_batch {global_batch} is not a multiple of --micro_batch {micro_batch} x {world_size} ranks "
+            f"--global_batch {global_batch} is not a multiple of --micro_batch {micro_batch} x {ranks} "
             f"= {per_step}; choose a global batch that is (e.g. {max(per_step, global_batch // per_step * per_step)})"
         )
     filled = copy.deepcopy(config)
     _resolve(filled, "train_micro_batch_size_per_gpu", micro_batch, "--micro_batch")
     _resolve(
-        filled, "gradient_accumulation_steps", global_batch // per_step, "--global_batch / (--micro_batch x ranks)"
+        filled,
+        "gradient_accumulation_steps",
+        global_batch // per_step,
+        "--global_batch / (--micro_batch x data-parallel ranks)",
     )
-    _resolve(filled, "train_batch_size", global_batch, "--global_batch")
+    if tp == 1:
+        _resolve(filled, "train_batch_size", global_batch, "--global_batch")
+    elif filled.pop("train_batch_size", "auto") != "auto":
+        raise ConfigError(
+            f'the DeepSpeed config sets train_batch_size under tensor_parallel.autotp_size {tp}; set it to "auto" '
+            "(or leave it out) and give the batch as --global_batch (sequences per optimiser step over the "
+            "data-parallel ranks): DeepSpeed counts train_batch_size over all ranks under ZeRO-1/2 and over the "
+            "data-parallel ranks under ZeRO-3, so the launcher leaves it to DeepSpeed"
+        )
     _resolve(filled, "gradient_clipping", grad_clip, "the preset's clipping")
     precision = filled.setdefault("bf16", {"enabled": "auto"})
     if precision.get("enabled", "auto") == "auto":

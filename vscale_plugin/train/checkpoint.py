@@ -17,10 +17,10 @@ from vscale_plugin.train.config import RunConfig
 
 # What a run is, recorded with its checkpoints, each with the flag that sets it: a --resume that differs in any of these
 # is refused, since it would continue another run under this one's name (another --seq_len or batch size in the same
-# MLflow run), or fail inside torch or DeepSpeed (another model, ZeRO stage or number of ranks). Every other flag may
-# change between invocations: --stop_after_steps, --save_every, --export_every, --log_every, --eval_every and
-# --stats_every say when to stop, save, export, log and measure; --attn_implementation, --activation_checkpointing
-# and --vscale_kernel how a step is computed, not what it computes.
+# MLflow run), or fail inside torch or DeepSpeed (another model, ZeRO stage, number of ranks or tensor-parallel size).
+# Every other flag may change between invocations: --stop_after_steps, --save_every, --export_every, --log_every,
+# --eval_every and --stats_every say when to stop, save, export, log and measure; --attn_implementation,
+# --activation_checkpointing and --vscale_kernel how a step is computed, not what it computes.
 RESUME_SETTINGS = {
     "preset": "--preset",
     "init_from": "--init_from",
@@ -38,6 +38,7 @@ RESUME_SETTINGS = {
     "eval_batches": "--eval_batches",
     "zero_stage": "--ds_config",
     "world_size": "--num_gpus",
+    "tensor_parallel": "--ds_config",
     "experiment": "--experiment",
     "run_name": "--run_name",
 }
@@ -68,6 +69,7 @@ def run_settings(config: RunConfig) -> dict[str, Any]:
         "eval_batches": config.eval_batches,
         "zero_stage": config.zero_stage,
         "world_size": config.world_size,
+        "tensor_parallel": config.tensor_parallel,
         "experiment": config.experiment,
         "run_name": config.run_name,
     }
@@ -87,6 +89,8 @@ def recorded_settings(save_dir: Path) -> dict[str, Any]:
 def check_resume(config: RunConfig, recorded: dict[str, Any]) -> None:
     """A UsageError naming each setting in which ``config`` differs from the checkpoint's, with its value there."""
     current = run_settings(config)
+    if recorded and "tensor_parallel" not in recorded:
+        recorded = {**recorded, "tensor_parallel": 1}  # recorded before the launcher ran tensor parallelism
     differences = [
         _difference(key, recorded[key], current[key])
         for key in RESUME_SETTINGS
@@ -103,6 +107,14 @@ def check_resume(config: RunConfig, recorded: dict[str, Any]) -> None:
 def _difference(key: str, then: Any, now: Any) -> str:
     if key == "world_size":
         return f"{then} ranks, not {now} (launch {then}, e.g. deepspeed --num_gpus {then})"
+    if key == "tensor_parallel":
+        # DeepSpeed's checkpoint holds each TP rank's shards (mp_rank_NN files) and each data-parallel rank's data
+        # position; neither maps onto another split (DeepSpeed's universal checkpoints could reshard the weights,
+        # which the launcher does not do).
+        return (
+            f"tensor_parallel.autotp_size {then}, not {now} (a checkpoint resumes only with the tensor-parallel size "
+            f"it was written with: pass a --ds_config with autotp_size {then})"
+        )
     if key == "zero_stage":
         return f"ZeRO stage {then}, not {now} (pass a --ds_config of stage {then})"
     return f"{RESUME_SETTINGS[key]} {_shown(key, then)}, not {_shown(key, now)}"

@@ -9,17 +9,27 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vscale_plugin.data import check_dataset
 from vscale_plugin.launch.cli import OneLineParser, UsageError, check_model_config
 from vscale_plugin.launch.distributed import from_rank0
-from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
+from vscale_plugin.launch.ds_config import (
+    check_kv_heads,
+    check_tensor_parallel,
+    fill_ds_config,
+    load_ds_config,
+    tensor_parallel_size,
+)
 from vscale_plugin.ops.vscale import KERNELS, MODES
 from vscale_plugin.train.checkpoint import check_resume, has_checkpoint, recorded_settings
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import PRESETS, Preset
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DEFAULT_EXPERIMENT = "vscale-plugin"
 
@@ -183,13 +193,19 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     compared. Raises UsageError/ConfigError/DataError. Call it on every rank (it starts with a collective)."""
     # Each rank's clock may be on either side of a second: the default run name (and save dir) is rank 0's.
     started = from_rank0(time.strftime("%Y%m%d-%H%M%S"))
-    raw = load_ds_config(args.ds_config)
+    raw = load_ds_config(args.ds_config, tensor_parallel=True)
+    tp = tensor_parallel_size(raw)
+    if args.init_from is None:  # an --init_from model's heads are checked with the model, below
+        preset = PRESETS[args.preset]
+        check_kv_heads(tp, preset.kv_heads, f"the {preset.name} preset")
+    check_tensor_parallel(tp, world_size, raw.get("zero_optimization", {}).get("stage", 0))
+    data_parallel = world_size // tp
     recipe = PRESETS[args.preset].with_overrides(
         max_steps=args.max_steps, seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
         lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
     )  # fmt: skip
     if args.global_batch is None and args.micro_batch is not None:
-        recipe = recipe.with_overrides(global_batch=max(recipe.global_batch, recipe.micro_batch * world_size))
+        recipe = recipe.with_overrides(global_batch=max(recipe.global_batch, recipe.micro_batch * data_parallel))
     check_recipe(recipe, args)
     if args.stats_every > recipe.max_steps:
         raise UsageError(
@@ -208,7 +224,9 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     )
     check_dataset(args.dataset)
     if args.init_from is not None:
-        check_init_from(args, recipe.seq_len)
+        model_config = check_init_from(args, recipe.seq_len)
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+        check_kv_heads(tp, kv_heads, f"--init_from {args.init_from}")
     recorded = recorded_settings(Path(args.save_dir)) if args.resume and has_checkpoint(Path(args.save_dir)) else {}
     run_name = (
         args.run_name
@@ -229,6 +247,7 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         tokenizer=args.tokenizer,
         ds_config=ds_config,
         world_size=world_size,
+        tensor_parallel=tp,
         eval_every=args.eval_every or max(1, recipe.max_steps // 10),
         eval_batches=args.eval_batches,
         stats_every=args.stats_every,
@@ -262,9 +281,9 @@ def _as_set(recipe: Preset, args: argparse.Namespace, field: str) -> str:
     return f"--{field} {value}" if getattr(args, field) is not None else f"{field} {value} (the {recipe.name} preset's)"
 
 
-def check_init_from(args: argparse.Namespace, seq_len: int) -> None:
+def check_init_from(args: argparse.Namespace, seq_len: int) -> PretrainedConfig:
     """--init_from names a model this run can continue: not a launcher checkpoint, a supported architecture when
-    V-scale or the statistics are on, with positions for --seq_len tokens."""
+    V-scale or the statistics are on, with positions for --seq_len tokens. Returns its transformers config."""
     name = args.init_from
     if not _looks_like_hub_name(name) and not Path(name).exists():
         raise UsageError(f"--init_from {name}: no such directory; give a saved HF model directory or a hub name")
@@ -273,7 +292,7 @@ def check_init_from(args: argparse.Namespace, seq_len: int) -> None:
             f"--init_from {name} holds launchers/pretrain.py checkpoints, not a Hugging Face model; continue that run "
             f"with --resume --save_dir {name}"
         )
-    check_model_config(
+    return check_model_config(
         name,
         "--init_from",
         seq_len,

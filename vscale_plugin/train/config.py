@@ -28,6 +28,7 @@ class RunConfig:
     # how
     ds_config: dict[str, Any]  # every "auto" filled
     world_size: int
+    tensor_parallel: int  # DeepSpeed AutoTP's tensor_parallel.autotp_size (1: none); divides world_size
     eval_every: int
     eval_batches: int
     stats_every: int  # 0: no statistics
@@ -55,6 +56,16 @@ class RunConfig:
     @property
     def zero_stage(self) -> int:
         return self.ds_config.get("zero_optimization", {}).get("stage", 0)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel ranks: the ranks of one tensor-parallel group train on the same batches."""
+        return self.world_size // self.tensor_parallel
+
+    def data_parallel_rank(self, rank: int) -> int:
+        """The data-parallel rank of global ``rank``: DeepSpeed's AutoTP groups are consecutive ranks (its mesh is
+        (data_parallel, tensor_parallel), tensor-parallel innermost), so ``rank // tensor_parallel``."""
+        return rank // self.tensor_parallel
 
     @property
     def bf16(self) -> bool:

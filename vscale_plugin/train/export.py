@@ -41,8 +41,11 @@ to save: feed it token ids (EOS, the sequence separator, is id {eos}).
 def export_hf(engine, save_dir: Path, rank: int, tokenizer: Tokenizer, dataset: str) -> Path:
     """Write ``save_dir/hf/`` from the DeepSpeed ``engine`` (any ZeRO stage) and return its path. A collective:
     every rank calls it (ZeRO-3 gathers the partitioned parameters one module at a time); rank 0 alone writes."""
-    if engine.zero_optimization_partition_weights():
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # the module's dtype, despite its name
+    if engine.zero_optimization_partition_weights() or getattr(engine, "autotp_size", lambda: 1)() > 1:
+        # Gathers ZeRO-3 partitions and AutoTP shards (whole matrices, on rank 0; None elsewhere), in the module's
+        # dtype despite its name. DeepSpeed 0.19.8 has no public call for it: save_16bit_model writes one TP rank's
+        # shards under ZeRO-1/2.
+        state_dict = engine._consolidated_16bit_state_dict()
     else:
         state_dict = engine.module.state_dict() if rank == 0 else None
     target = Path(save_dir) / HF_DIR

@@ -76,11 +76,13 @@ def run(argv: list[str] | None = None) -> int:
 
 def open_data(config: RunConfig, tokenizer: Tokenizer, rank: int) -> tuple[Batches, Batches]:
     """This rank's training and eval batches, each read up to its first batch now, so that a dataset that cannot
-    give them (too small for the eval slice, no documents for a rank, unreadable) fails before training."""
+    give them (too small for the eval slice, no documents for a rank, unreadable) fails before training. The data
+    is split over the data-parallel ranks: the ranks of one tensor-parallel group get the same batches."""
     recipe = config.recipe
     train_data, eval_data = (
-        open_batches(config.dataset, tokenizer, recipe.seq_len, recipe.micro_batch, rank=rank,
-                     world_size=config.world_size, seed=config.seed, split=split)
+        open_batches(config.dataset, tokenizer, recipe.seq_len, recipe.micro_batch,
+                     rank=config.data_parallel_rank(rank), world_size=config.data_parallel_size, seed=config.seed,
+                     split=split)
         for split in ("train", "eval")
     )  # fmt: skip
     train_data.check()

@@ -47,7 +47,10 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> nn.Module:
     ``deepspeed.initialize``; :func:`check_vocabulary` has checked that ``tokenizer`` fits it."""
     recipe = config.recipe
     zero3 = None
-    if config.zero_stage == 3:
+    # Under AutoTP the model is built whole on every rank and DeepSpeed partitions it (TP shards, then ZeRO-3 over
+    # the data-parallel ranks). Built into ZeRO-3 partitions first, it would be partitioned over all ranks, TP groups
+    # included, which AutoTP's layer replacement is not verified with.
+    if config.zero_stage == 3 and config.tensor_parallel == 1:
         from transformers.integrations import HfDeepSpeedConfig
 
         # While this object lives, transformers builds (or loads) the model straight into ZeRO-3 partitions under

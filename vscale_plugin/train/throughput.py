@@ -62,6 +62,7 @@ def summary(
         "micro_batch": recipe.micro_batch,
         "global_batch": recipe.global_batch,
         "world_size": config.world_size,
+        "tensor_parallel": config.tensor_parallel,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": "bfloat16" if config.bf16 else "float32",
         "zero_stage": config.zero_stage,
