@@ -1,8 +1,9 @@
 """``launchers/pretrain.py`` under DeepSpeed AutoTP (issue 15, item 4): ``"tensor_parallel": {"autotp_size": 2}`` in
 ``--ds_config`` on 2 CPU ranks over gloo trains with the per-step losses of a 1-rank run of the same global batch
 (ZeRO-1 and ZeRO-3) and its statistics, resumes with the losses of a run never stopped, exports whole weights and the
-whole theta, and refuses what cannot work (a TP size that does not divide the ranks or the KV heads, another TP size
-on --resume, a DeepSpeed too old) with one ``error:`` line before anything trains.
+whole theta, continues a checkpoint with another TP size from DeepSpeed's universal checkpoint (and says how to make
+it), and refuses what cannot work (a TP size that does not divide the ranks or the KV heads, a DeepSpeed too old)
+with one ``error:`` line before anything trains.
 
 The ranks of one TP group must train on the same batches: the data is split over the data-parallel ranks
 (``rank // autotp_size``; DeepSpeed's TP groups are consecutive ranks). DeepSpeed's own check compares the first
@@ -21,7 +22,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from vscale_plugin.launch.cli import ConfigError
+from vscale_plugin.launch.cli import ConfigError, UsageError
 from vscale_plugin.launch.ds_config import (
     CONFIG_DIR,
     check_kv_heads,
@@ -31,7 +32,8 @@ from vscale_plugin.launch.ds_config import (
     tensor_parallel_size,
 )
 from vscale_plugin.testing import metric_history
-from vscale_plugin.testing.distributed import deepspeed_executable, free_port, run_deepspeed, without_launcher_vars
+from vscale_plugin.testing.distributed import run_deepspeed, without_launcher_vars
+from vscale_plugin.train.checkpoint import resharded_from
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -146,7 +148,18 @@ def runs(env, tmp_path_factory) -> dict:
                           "--stop_after_steps", "2", env=env, timeout=300)  # fmt: skip
     second = run_deepspeed(LAUNCHER, "--ds_config", ZERO1_TP2, "--save_dir", root / "tp", "--resume", *COMMON,
                            env=env, timeout=300)  # fmt: skip
-    return {"root": root, "first": first, "second": second, "z3": z3}
+    # TP 2 on 2 ranks stopped at step 2, continued without TP on 1 rank: refused until the checkpoint is converted to
+    # DeepSpeed's universal form by the command the error names, then continued from it.
+    resharded = root / "resharded"
+    run_deepspeed(LAUNCHER, "--ds_config", ZERO1_TP2, "--save_dir", resharded, "--run_name", "resharded", *COMMON,
+                  "--stop_after_steps", "2", env=env, timeout=300)  # fmt: skip
+    refused = _one_rank(env, "--ds_config", ZERO1, "--save_dir", resharded, "--resume", *COMMON)
+    command = refused.stderr.split("(python -m ", 1)[-1].split(")", 1)[0].split()
+    converted = subprocess.run([sys.executable, "-m", *command], env=env, capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    continued = _one_rank(env, "--ds_config", ZERO1, "--save_dir", resharded, "--resume", *COMMON)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    return {"root": root, "first": first, "second": second, "z3": z3, "refused": refused, "continued": continued}
 
 
 def _run(env: dict[str, str], name: str):
@@ -174,6 +187,9 @@ def test_tp2_trains_like_one_rank_and_resumes_with_the_losses_of_a_run_never_sto
         assert resumed[step] == pytest.approx(one[step], rel=1e-5), step  # ZeRO-1 + TP 2, stopped at step 2
         assert resumed[step] == pytest.approx(z3[step], rel=1e-5), step
     assert one[4] < one[1]
+    # eval reads the same slice on every rank of a TP group too: the 1-rank run's eval/loss
+    evals = {name: _run(env, name)[1].data.metrics["eval/loss"] for name in ("one", "z3", "tp")}
+    assert evals["z3"] == pytest.approx(evals["one"], rel=1e-5) and evals["tp"] == pytest.approx(evals["one"], rel=1e-5)
     assert "stopped at step 2/4" in runs["first"].stdout and "stopped at step 4/4" in runs["second"].stdout
     summary = json.loads((runs["root"] / "tp" / "train_summary.json").read_text())
     assert summary["tensor_parallel"] == 2 and summary["global_batch"] == 4
@@ -226,19 +242,37 @@ def test_the_checkpoint_has_each_tp_ranks_shards_and_the_export_the_whole_model(
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_resume_with_another_tp_size_exits_2_naming_both_sizes(runs, env):
-    save_dir = runs["root"] / "tp"
-    proc = subprocess.run(
-        [str(deepspeed_executable()), "--num_gpus", "2", "--master_port", str(free_port()), str(LAUNCHER),
-         "--ds_config", str(ZERO1), "--save_dir", str(save_dir), "--resume", *COMMON],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "made with tensor_parallel.autotp_size 2, not 1" in errors[0]
-    assert "pass a --ds_config with autotp_size 2" in errors[0]
-    assert (save_dir / "latest").read_text().strip() == "step00000004"
+def test_resume_with_another_tp_size_continues_from_the_universal_checkpoint_the_error_asks_for(runs, env):
+    save_dir = runs["root"] / "resharded"
+    refused = runs["refused"]
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in refused.stderr
+    assert "made with tensor_parallel.autotp_size 2, not 1. To continue it with autotp_size 1, convert it" in errors[0]
+    assert f"--output_folder {save_dir / 'step00000002_universal'} --inject_missing_state" in errors[0]
+    assert "or pass a --ds_config with autotp_size 2" in errors[0]
+    # continued on 1 rank without TP: the losses of the runs never stopped, in the same MLflow run
+    resharded, one = _losses(env, "resharded"), _losses(env, "one")
+    assert sorted(resharded) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert resharded[step] == pytest.approx(one[step], rel=1e-5), step
+    assert "stopped at step 4/4" in runs["continued"].stdout
+    assert json.loads((save_dir / "vscale_run.json").read_text())["settings"]["tensor_parallel"] == 1
+
+
+def test_resume_with_another_tp_size_needs_as_many_data_parallel_ranks_and_zero_1_or_2(tmp_path):
+    recorded = {"tensor_parallel": 2, "world_size": 4, "zero_stage": 1}
+    (tmp_path / "latest").write_text("step00000002")
+    assert resharded_from(recorded, world_size=4, tp=2, zero_stage=1, save_dir=tmp_path) is None  # the same size
+    with pytest.raises(UsageError, match=r"autotp_size 2, not 1, on 2 data-parallel ranks \(4 ranks / 2\), not 4.*"
+                                         r"launch 2 ranks for autotp_size 1"):  # fmt: skip
+        resharded_from(recorded, world_size=4, tp=1, zero_stage=1, save_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"ZeRO-3 checkpoint with another tensor-parallel size is not verified"):
+        resharded_from({**recorded, "zero_stage": 3}, world_size=2, tp=1, zero_stage=3, save_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"convert it to a DeepSpeed universal checkpoint first"):
+        resharded_from(recorded, world_size=2, tp=1, zero_stage=1, save_dir=tmp_path)
+    (tmp_path / "step00000002_universal" / "zero").mkdir(parents=True)
+    assert resharded_from(recorded, world_size=2, tp=1, zero_stage=1, save_dir=tmp_path) == 2
 
 
 @pytest.mark.e2e

@@ -43,6 +43,7 @@ RESUME_SETTINGS = {
     "run_name": "--run_name",
 }
 _RECORD = "vscale_run.json"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 def has_checkpoint(save_dir: Path) -> bool:
@@ -86,15 +87,60 @@ def recorded_settings(save_dir: Path) -> dict[str, Any]:
         raise UsageError(f"--resume: {path} cannot be read ({err}); resume an intact checkpoint directory") from err
 
 
+def latest_tag(save_dir: Path) -> str:
+    return (save_dir / "latest").read_text().strip()
+
+
+def universal_dir(save_dir: Path) -> Path:
+    """Where the DeepSpeed universal checkpoint of ``save_dir``'s latest checkpoint is expected (``<tag>_universal``),
+    written by ``python -m deepspeed.checkpoint.ds_to_universal``."""
+    return save_dir / f"{latest_tag(save_dir)}{UNIVERSAL_SUFFIX}"
+
+
+def resharded_from(recorded: dict[str, Any], world_size: int, tp: int, zero_stage: int, save_dir: Path) -> int | None:
+    """The checkpoint's tensor-parallel size when ``--resume`` continues it with another one (``tp``), else None.
+
+    DeepSpeed's checkpoint holds each TP rank's shards (``mp_rank_NN`` files), which only the same split loads; its
+    universal checkpoint (``ds_to_universal``) holds whole parameters and optimiser moments, which DeepSpeed loads
+    into any split (``"checkpoint": {"load_universal": true}``). The data positions are per data-parallel rank, so the
+    number of data-parallel ranks must stay. A UsageError naming both sizes and the fix when it cannot be done."""
+    then = recorded.get("tensor_parallel", 1) if recorded else tp
+    if then == tp:
+        return None
+    prefix = f"--resume: the checkpoint in {save_dir} was made with tensor_parallel.autotp_size {then}, not {tp}"
+    keep = f"pass a --ds_config with autotp_size {then}"
+    then_dp = recorded["world_size"] // then
+    if world_size // tp != then_dp:
+        raise UsageError(
+            f"{prefix}, on {then_dp} data-parallel ranks ({recorded['world_size']} ranks / {then}), not "
+            f"{world_size // tp}: each rank continues the data of its data-parallel rank, so their number must stay; "
+            f"launch {then_dp * tp} ranks for autotp_size {tp}, or {keep}"
+        )
+    if zero_stage == 3 or recorded.get("zero_stage") == 3:
+        raise UsageError(f"{prefix}; continuing a ZeRO-3 checkpoint with another tensor-parallel size is not "
+                         f"verified with the launcher; {keep}")  # fmt: skip
+    universal = universal_dir(save_dir)
+    if not (universal / "zero").is_dir():
+        raise UsageError(
+            f"{prefix}. To continue it with autotp_size {tp}, convert it to a DeepSpeed universal checkpoint first "
+            f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {save_dir / latest_tag(save_dir)} "
+            f"--output_folder {universal} --inject_missing_state) and resume again; or {keep}"
+        )
+    return then
+
+
 def check_resume(config: RunConfig, recorded: dict[str, Any]) -> None:
-    """A UsageError naming each setting in which ``config`` differs from the checkpoint's, with its value there."""
+    """A UsageError naming each setting in which ``config`` differs from the checkpoint's, with its value there.
+    Another tensor-parallel size (and the number of ranks with it) is allowed when ``config`` continues the
+    checkpoint's universal form (``config.resume_tensor_parallel``, from :func:`resharded_from`)."""
     current = run_settings(config)
     if recorded and "tensor_parallel" not in recorded:
         recorded = {**recorded, "tensor_parallel": 1}  # recorded before the launcher ran tensor parallelism
+    resharded = {"tensor_parallel", "world_size"} if config.resume_tensor_parallel is not None else set()
     differences = [
         _difference(key, recorded[key], current[key])
         for key in RESUME_SETTINGS
-        if key in recorded and recorded[key] != current[key]
+        if key in recorded and recorded[key] != current[key] and key not in resharded
     ]
     if differences:
         raise UsageError(
@@ -107,14 +153,8 @@ def check_resume(config: RunConfig, recorded: dict[str, Any]) -> None:
 def _difference(key: str, then: Any, now: Any) -> str:
     if key == "world_size":
         return f"{then} ranks, not {now} (launch {then}, e.g. deepspeed --num_gpus {then})"
-    if key == "tensor_parallel":
-        # DeepSpeed's checkpoint holds each TP rank's shards (mp_rank_NN files) and each data-parallel rank's data
-        # position; neither maps onto another split (DeepSpeed's universal checkpoints could reshard the weights,
-        # which the launcher does not do).
-        return (
-            f"tensor_parallel.autotp_size {then}, not {now} (a checkpoint resumes only with the tensor-parallel size "
-            f"it was written with: pass a --ds_config with autotp_size {then})"
-        )
+    if key == "tensor_parallel":  # resharded_from has named the way to another size
+        return f"tensor_parallel.autotp_size {then}, not {now} (pass a --ds_config with autotp_size {then})"
     if key == "zero_stage":
         return f"ZeRO stage {then}, not {now} (pass a --ds_config of stage {then})"
     return f"{RESUME_SETTINGS[key]} {_shown(key, then)}, not {_shown(key, now)}"
@@ -149,16 +189,22 @@ def load_checkpoint(engine, config: RunConfig, rank: int, data: Batches) -> tupl
     """Restore the latest checkpoint of ``config.save_dir`` into ``engine`` and ``data`` (and this rank's RNG);
     returns its step and MLflow run id."""
     save_dir = config.save_dir
-    path, client = engine.load_checkpoint(str(save_dir))
+    saved_by = rank
+    if config.resume_tensor_parallel is None:
+        path, client = engine.load_checkpoint(str(save_dir))
+    else:  # another tensor-parallel size: the universal checkpoint (engine built with load_universal)
+        path, client = engine.load_checkpoint(str(save_dir), tag=universal_dir(save_dir).name)
+        # the first rank of this rank's data-parallel rank's TP group then; every rank of a group saved the same
+        saved_by = config.data_parallel_rank(rank) * config.resume_tensor_parallel
     if path is None:
         raise UsageError(f"--resume: DeepSpeed could not load a checkpoint from {save_dir}")
-    tag_dir = Path(path) if Path(path).is_dir() else save_dir / (save_dir / "latest").read_text().strip()
-    data_state = tag_dir / f"data_rank{rank:05d}.json"
+    tag_dir = save_dir / latest_tag(save_dir)
+    data_state = tag_dir / f"data_rank{saved_by:05d}.json"
     if not data_state.is_file():
-        raise UsageError(f"--resume: {tag_dir} has no data position for rank {rank}; resume with the same "
+        raise UsageError(f"--resume: {tag_dir} has no data position for rank {saved_by}; resume with the same "
                          "number of ranks the checkpoint was written with")  # fmt: skip
     data.load_state_dict(json.loads(data_state.read_text()))
-    _set_rng_state(torch.load(tag_dir / f"rng_rank{rank:05d}.pt", weights_only=False))
+    _set_rng_state(torch.load(tag_dir / f"rng_rank{saved_by:05d}.pt", weights_only=False))
     return int(client["step"]), client.get("mlflow_run_id")
 
 

@@ -24,7 +24,7 @@ from vscale_plugin.launch.ds_config import (
     tensor_parallel_size,
 )
 from vscale_plugin.ops.vscale import KERNELS, MODES
-from vscale_plugin.train.checkpoint import check_resume, has_checkpoint, recorded_settings
+from vscale_plugin.train.checkpoint import check_resume, has_checkpoint, recorded_settings, resharded_from
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.recipe import PRESETS, Preset
 
@@ -235,6 +235,10 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     )
     save_dir = Path(args.save_dir) if args.save_dir is not None else Path("checkpoints") / run_name
     check_save_dir(save_dir, args.resume)
+    resharded = resharded_from(recorded, world_size, tp, ds_config.get("zero_optimization", {}).get("stage", 0),
+                               save_dir) if args.resume else None  # fmt: skip
+    if resharded is not None:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     config = RunConfig(
         recipe=recipe,
         init_from=args.init_from,
@@ -257,6 +261,7 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         save_every=args.save_every,
         export_every=args.export_every,
         resume=args.resume,
+        resume_tensor_parallel=resharded,
         checkpoint=not args.no_checkpoint,
         experiment=args.experiment or recorded.get("experiment") or DEFAULT_EXPERIMENT,
         run_name=run_name,

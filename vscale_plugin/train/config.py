@@ -39,6 +39,7 @@ class RunConfig:
     save_every: int  # 0: only at the end
     export_every: int  # steps between exports of save_dir/hf/ (0: only at the end)
     resume: bool
+    resume_tensor_parallel: int | None  # on --resume with another TP size: the checkpoint's (from its universal form)
     checkpoint: bool  # False under --no_checkpoint: nothing is written (no checkpoint, no hf/), not even at the end
     experiment: str
     run_name: str
