@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--deepspeed_config",
         dest="ds_config",
         default=None,
-        help="DeepSpeed JSON config, e.g. ds_configs/zero2.json; 'auto' values are filled from the flags",
+        help="DeepSpeed JSON config, e.g. ds_configs/zero2.json; 'auto' values are filled from the flags; "
+        '"tensor_parallel": {"autotp_size": N} trains with DeepSpeed AutoTP (e.g. ds_configs/zero1_tp2.json)',
     )
     p.add_argument(
         "--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher"

@@ -1,5 +1,5 @@
 """The model a run trains: a preset's Llama with seeded initial weights (or the ``--init_from`` model's own), then
-V-scale and activation checkpointing; under ZeRO-3 built straight into partitions."""
+V-scale and activation checkpointing; under ZeRO-3 (without tensor parallelism) built straight into partitions."""
 
 from __future__ import annotations
 
