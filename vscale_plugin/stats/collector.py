@@ -25,6 +25,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -103,6 +104,42 @@ def _mean_over_heads(per_head: torch.Tensor, module: nn.Module, head_dim: int) -
     return per_head.sum(-1) * (tensor_parallel_size(module) / heads)
 
 
+@dataclass(frozen=True)
+class _SequenceShards:
+    """A DeepSpeed Ulysses sequence-parallel group: each of its ``size`` ranks holds positions ``rank * T / size ..
+    (rank + 1) * T / size - 1`` of every sequence (DeepSpeed's ``UlyssesSPDataLoaderAdapter``)."""
+
+    group: Any
+    size: int
+    rank: int
+
+
+def _sequence_parallel(target: Any) -> _SequenceShards | None:
+    """The engine's sequence-parallel group (``sequence_parallel_size`` > 1), None without one."""
+    from vscale_plugin.hf.sequence_parallel import sequence_parallel_size
+
+    size = sequence_parallel_size(target)
+    if size == 1:
+        return None
+    if not _is_engine(target):
+        raise NotImplementedError(
+            f"StatsCollector: the model runs under Ulysses sequence parallelism ({size} ranks share each sequence) "
+            "but was given without its DeepSpeed engine; pass the engine deepspeed.initialize returned, whose "
+            "sequence-parallel group the statistics are combined over"
+        )
+    group = target.seq_parallel_group
+    return _SequenceShards(group=group, size=size, rank=dist.get_rank(group))
+
+
+def _whole_sequences_of_my_heads(x: torch.Tensor, shards: _SequenceShards) -> torch.Tensor:
+    """(batch, heads, T / sp, d) of this rank's shard -> (batch, heads / sp, T, d): every position of this rank's share
+    of the heads, the exchange Ulysses makes around the kernel (an all-to-all; memory O(T) per rank)."""
+    parts = [chunk.contiguous() for chunk in x.chunk(shards.size, dim=1)]
+    received = [torch.empty_like(parts[0]) for _ in parts]
+    dist.all_to_all(received, parts, group=shards.group)
+    return torch.cat(received, dim=2)
+
+
 def _is_engine(obj: Any) -> bool:
     return hasattr(obj, "is_gradient_accumulation_boundary") and hasattr(obj, "backward") and hasattr(obj, "module")
 
@@ -172,6 +209,11 @@ class StatsCollector:
         # since the collector was made, and hooks on the old modules would see nothing.
         self.layers = layer_parts(self.model)
         self._tp_group = _tensor_parallel(self.layers)
+        self._sp = _sequence_parallel(self.target)
+        if self._sp is not None and self._tp_group is not None:
+            raise NotImplementedError(
+                "StatsCollector: tensor and sequence parallelism together are not combined yet; measure with one"
+            )
         self._taps = [qr.taps(parts) if self.quant_readiness else [] for parts in self.layers]
 
     def due(self, step: int) -> bool:
@@ -305,7 +347,16 @@ class StatsCollector:
 
     def _current_rows(self, h_in: torch.Tensor) -> Rows:
         if self._rows is None:
-            self._rows = Rows.of(self._mask, h_in.shape[0], h_in.shape[1], h_in.device)
+            batch, length = h_in.shape[:2]
+            if self._sp is None:
+                self._rows = Rows.of(self._mask, batch, length, h_in.device)
+            else:
+                if self._mask is not None and not bool(self._mask.all()):
+                    raise ValueError(
+                        "StatsCollector: a padded batch under sequence parallelism (Ulysses drops the attention mask, "
+                        "so pads would be attended to); pack the sequences to the full length instead"
+                    )
+                self._rows = Rows.shard(batch, length * self._sp.size, self._sp.rank * length, length, h_in.device)
             self._counts += self._rows.counts(PROFILE + 1).cpu()  # see metrics.profile_lengths
         return self._rows
 
@@ -401,10 +452,15 @@ class StatsCollector:
             q, k = kernel_queries_keys(
                 scratch.pop("q"), scratch.pop("k"), parts.head_dim, parts.rope, kwargs.get("position_embeddings")
             )
-            # Under tensor parallelism this rank's heads: the sums count (sequence, head) pairs, so adding them over
-            # the group covers every head once.
-            column = sink_column(q, k, parts.scaling, self._rows, parts.sliding_window, parts.softcap)
-            self._add(i, "sinks", sink_sums(column, self._rows).cpu())
+            rows = self._rows
+            if self._sp is not None:  # this rank's share of the heads over the whole sequences
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # each query head's key head
+                q, k = (_whole_sequences_of_my_heads(x, self._sp) for x in (q, k))
+                rows = rows.whole()
+            # Under tensor or sequence parallelism this rank's heads: the sums count (sequence, head) pairs, so adding
+            # them over the group covers every head once.
+            column = sink_column(q, k, parts.scaling, rows, parts.sliding_window, parts.softcap)
+            self._add(i, "sinks", sink_sums(column, rows).cpu())
 
     def _tap_in(self, i: int, tap: qr.Tap, module, args) -> None:
         self._quant_readiness(i, tap, args[0])
@@ -419,11 +475,12 @@ class StatsCollector:
             x = gather_features(x, tap.module)  # whole-tensor statistics of the input a run without TP has
         with torch.no_grad():
             x = qr.real_tokens(x, self._rows.mask(x.shape[1]) if self._rows.padded else None)
+            shards = self._sp.group if self._sp is not None else None  # one call's sequences, in shards
             if tap.point is not None:
                 self._add(i, f"qr/kurtosis/{tap.point}", qr.kurtosis_sum(x))
-                self._add(i, f"qr/max_over_median/{tap.point}", qr.max_over_median(x))
+                self._add(i, f"qr/max_over_median/{tap.point}", qr.max_over_median(x, shards))
             if tap.linears:
-                error = qr.int8_error(x)
+                error = qr.int8_error(x, shards)
                 for linear in tap.linears:  # q, k and v (gate and up) read one tensor
                     self._add(i, f"qr/int8_error/{linear}", error)
 
@@ -500,16 +557,27 @@ class StatsCollector:
             if isinstance(getattr(self.layers[i].attention, "vscale", None), VScale):
                 sums.setdefault("phi", torch.zeros(REST, dtype=torch.float64))
             state.update({f"L{i:02d}/{key}": value for key, value in sums.items() if key != "lambda"})
-        # Over every rank, or (distributed=False) over this rank's tensor-parallel group, whose ranks hold one model's
-        # parts. Sums of what a TP group's ranks hold alike count it once per rank, as do the counts of sequences
-        # they are divided by; the gradients are divided by the ranks summed over, as the optimiser averages them.
-        group = None if self.distributed else self._tp_group
+        # Over every rank, or (distributed=False) over this rank's tensor- or sequence-parallel group, whose ranks
+        # hold one model's parts or one batch's shards. Sums of what a TP group's ranks hold alike count it once per
+        # rank, as do the counts of sequences they are divided by; an SP group's ranks hold each position once. The
+        # gradients are divided by the ranks summed over, as the optimiser averages them, except an SP group's where
+        # the engine sums over it (each rank back-propagates its share of the batch's loss).
+        group = None if self.distributed else (self._tp_group or (self._sp.group if self._sp else None))
         world = 1
         if dist.is_available() and dist.is_initialized() and (self.distributed or group is not None):
             world = dist.get_world_size(group)
         if world > 1:
             state = _all_reduce_sum(state, _reduce_device(), group)
-        self._result, self._profiles = self._metrics(state, world)
+        self._result, self._profiles = self._metrics(state, world // self._sums_over_sequence_parallel())
+
+    def _sums_over_sequence_parallel(self) -> int:
+        """The SP size when the engine sums gradients over the SP group (ZeRO-1/2, ZeRO-3 from DeepSpeed 0.20.2), 1
+        without SP or where it averages over it (ZeRO-3 before 0.20.2)."""
+        if self._sp is None:
+            return 1
+        from vscale_plugin.hf.sequence_parallel import zero3_averages_over_sequence_parallel
+
+        return 1 if zero3_averages_over_sequence_parallel(self.target.zero_optimization_stage()) else self._sp.size
 
     def _metrics(self, state: dict[str, torch.Tensor], world: int) -> tuple[dict[str, float], dict[str, Any]]:
         counts = state["counts"]

@@ -3,6 +3,10 @@
 
 So a left-padded row is read from its first real token, a right-padded one stops at its last, and a padded batch
 reports what its sequences, unpadded, report together.
+
+Under sequence parallelism (DeepSpeed Ulysses) a rank holds one contiguous shard of each (unpadded) sequence:
+:meth:`Rows.shard` places its positions in the sequences' own, so that profiles added over the ranks of the group
+count every position once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ class Rows:
     start: torch.Tensor  # (batch,) int64
     length: torch.Tensor  # (batch,) int64
     padded: bool  # False: every row is real from position 0 to the end (no gather needed)
+    offset: int = 0  # the sequence position of this tensor's first one (a sequence-parallel shard); 0 otherwise
+    stop: int | None = None  # one past the shard's last sequence position; None: the whole sequence
 
     @classmethod
     def unpadded(cls, batch: int, seq_len: int, device: torch.device) -> Rows:
@@ -27,6 +33,17 @@ class Rows:
             length=torch.full((batch,), seq_len, dtype=torch.long, device=device),
             padded=False,
         )
+
+    @classmethod
+    def shard(cls, batch: int, seq_len: int, offset: int, local_len: int, device: torch.device) -> Rows:
+        """Unpadded sequences of ``seq_len`` tokens of which this tensor holds positions ``offset .. offset +
+        local_len - 1``."""
+        whole = cls.unpadded(batch, seq_len, device)
+        return cls(whole.start, whole.length, padded=False, offset=offset, stop=offset + local_len)
+
+    def whole(self) -> Rows:
+        """The same sequences, as a tensor holding all their positions has them."""
+        return Rows(self.start, self.length, self.padded)
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor | None, batch: int, seq_len: int, device: torch.device) -> Rows:
@@ -55,8 +72,8 @@ class Rows:
         return rows
 
     def mask(self, seq_len: int) -> torch.Tensor:
-        """(batch, seq_len) bool at absolute positions: the attention mask these rows came from."""
-        positions = torch.arange(seq_len, device=self.start.device)[None, :]
+        """(batch, seq_len) bool at the tensor's positions: the attention mask these rows came from."""
+        positions = self.offset + torch.arange(seq_len, device=self.start.device)[None, :]
         return (positions >= self.start[:, None]) & (positions < (self.start + self.length)[:, None])
 
     def valid(self, n: int) -> torch.Tensor:
@@ -66,6 +83,13 @@ class Rows:
     def align(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """``x`` of shape (batch, T, ...) read at positions 0 .. n-1 of each row, zero where a row has no token there;
         n is capped at T."""
+        if self.stop is not None:  # a shard: its positions in place, zero where other ranks hold the sequence
+            n = min(n, int(self.length.max()))
+            out = x.new_zeros(x.shape[0], n, *x.shape[2:])
+            end = min(n, self.stop)
+            if end > self.offset:
+                out[:, self.offset : end] = x[:, : end - self.offset]
+            return out
         n = min(n, x.shape[1])
         if not self.padded:
             return x[:, :n]
@@ -75,5 +99,9 @@ class Rows:
         return picked * self.valid(n).view(*index.shape, *trailing).to(picked.dtype)
 
     def counts(self, n: int) -> torch.Tensor:
-        """(n,) float64: how many rows have a real token at each position 0 .. n-1."""
-        return self.valid(n).double().sum(0)
+        """(n,) float64: how many rows have a real token at each position 0 .. n-1 (in this shard, for a shard)."""
+        valid = self.valid(n)
+        if self.stop is not None:
+            positions = torch.arange(n, device=valid.device)[None, :]
+            valid = valid & (positions >= self.offset) & (positions < self.stop)
+        return valid.double().sum(0)

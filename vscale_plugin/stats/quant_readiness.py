@@ -13,6 +13,9 @@ kurtosis is exact over every real token of the step (sums of per-token kurtosis 
 micro-batches and ranks); max_over_median and int8_error are whole-tensor statistics, computed per forward call (one
 micro-batch on one rank, its real tokens only, as a quantiser calibrating on that batch would see it) and averaged
 over the step's calls. With one micro-batch on one rank each is exactly its formula on that tensor. Pads never enter.
+Under sequence parallelism a call is one micro-batch's whole sequences, which the ranks of the SP group hold in shards:
+with ``group`` the two whole-tensor statistics are computed over the shards together, exactly (a max and sums
+all-reduced; the median by bisection over the float bit patterns, one all-reduced count per step), with no gather.
 
 Everything is computed in float32 whatever the model's dtype. Degenerate inputs give no NaN: a zero tensor quantises
 without error (0); a tensor whose median |x| is 0 has no max_over_median (the call is left out of the mean, and a
@@ -22,8 +25,10 @@ layer with no such call has no key); a token with zero variance has no kurtosis 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vscale_plugin.hf.registry import LayerParts
@@ -79,23 +84,54 @@ def kurtosis_sum(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(defined, z4, 0.0).double().sum(), defined.double().sum()]).cpu()
 
 
-def max_over_median(x: torch.Tensor) -> torch.Tensor:
-    """[max |x| / median |x|, 1] over the whole tensor, the median being the lower middle value for an even count (as
-    torch.median); [0, 0] when the median is 0."""
+def _all_reduce(x: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _lower_median(a: torch.Tensor, group: Any) -> torch.Tensor:
+    """torch.median of the concatenation over ``group`` of the non-negative float32 values ``a``: the smallest value
+    with at least (N + 1) // 2 values at or below it, found by bisection over the int32 bit patterns (non-negative
+    floats order as their bits), one all-reduced count per step."""
+    bits = a.contiguous().view(torch.int32)
+    n = _all_reduce(torch.tensor(a.numel(), dtype=torch.int64, device=a.device), dist.ReduceOp.SUM, group).item()
+    rank = (n - 1) // 2 + 1  # the lower middle value, 1-based
+    lo, hi = 0, 0x7F800000  # 0.0 .. inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        count = _all_reduce((bits <= mid).sum(), dist.ReduceOp.SUM, group).item()
+        lo, hi = (lo, mid) if count >= rank else (mid + 1, hi)
+    return torch.tensor(lo, dtype=torch.int32, device=a.device).view(torch.float32)
+
+
+def max_over_median(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """[max |x| / median |x|, 1] over the whole tensor (over ``group``'s shards of it together), the median being the
+    lower middle value for an even count (as torch.median); [0, 0] when the median is 0."""
     a = x.abs().flatten()
-    median = a.median()
+    if group is None:
+        peak, median = a.max(), a.median()
+    else:
+        peak = _all_reduce(a.max(), dist.ReduceOp.MAX, group)
+        median = _lower_median(a, group)
     defined = median > 0
-    ratio = torch.where(defined, a.max() / torch.where(defined, median, 1.0), 0.0)
+    ratio = torch.where(defined, peak / torch.where(defined, median, 1.0), 0.0)
     return torch.stack([ratio.double(), defined.double()]).cpu()
 
 
-def int8_error(x: torch.Tensor) -> torch.Tensor:
-    """[||x - q(x)|| / ||x||, 1] of static per-tensor symmetric INT8 fake-quantisation; the error of a zero tensor is
-    0."""
-    scale = x.abs().max() / INT8_MAX  # s = max|x| / 127
+def int8_error(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """[||x - q(x)|| / ||x||, 1] of static per-tensor symmetric INT8 fake-quantisation (of ``group``'s shards of one
+    tensor together: one scale from their max); the error of a zero tensor is 0."""
+    peak = x.abs().max()
+    if group is not None:
+        peak = _all_reduce(peak, dist.ReduceOp.MAX, group)
+    scale = peak / INT8_MAX  # s = max|x| / 127
     safe = torch.where(scale > 0, scale, 1.0)
     q = torch.round(x / safe).clamp_(-INT8_MAX - 1, INT8_MAX).mul_(safe)  # q(x) = s clamp(round(x / s), -128, 127)
-    error = torch.where(scale > 0, q.sub_(x).norm() / x.norm(), 0.0)
+    if group is None:
+        error = torch.where(scale > 0, q.sub_(x).norm() / x.norm(), 0.0)
+    else:
+        squares = _all_reduce(torch.stack([q.sub_(x).square().sum(), x.square().sum()]), dist.ReduceOp.SUM, group)
+        error = torch.where(scale > 0, squares[0].sqrt() / squares[1].sqrt(), 0.0)
     return torch.stack([error.double(), torch.ones((), dtype=torch.float64, device=x.device)]).cpu()
 
 
