@@ -17,6 +17,13 @@ ranks of a tensor-parallel group hold alike (the residual stream, the norms' out
 counts once per rank, as do the sequences it is divided by; what they split is combined over the group - the heads
 (sink statistics, value norms and phi, by their sums), the inputs of row-parallel linears (gathered before their qr/
 statistics) and the split matrices (their shares' squared gradient norms added).
+
+Under DeepSpeed Ulysses sequence parallelism (an engine with ``sequence_parallel_size`` > 1) each rank holds one
+contiguous shard of every sequence: its positions go into the profiles at their place in the sequence, so the sums
+over the group count each position once; the sink statistics come from an all-to-all to whole sequences of this
+rank's share of the heads (what Ulysses does around its kernel: memory O(T) per rank, no T x T matrix); the qr/
+whole-tensor statistics are computed over the shards of each call together; gradients are divided as the engine
+divides them (it sums over the SP group, except ZeRO-3 before DeepSpeed 0.20.2, which averages).
 """
 
 from __future__ import annotations
