@@ -144,3 +144,17 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_naming_the_fix
         UsageError, match=r"has 4096 tokens but --model .*small-vocab has 128 embeddings; pass the --tok"
     ):
         runner.Target.load(source)
+
+
+def test_a_tensor_parallel_training_checkpoint_is_refused_naming_its_export(tmp_path):
+    # DeepSpeed's zero_to_fp32 reads one model-parallel rank and failed with "Expected 1 of '*_optim_states.pt'".
+    import json
+
+    from vscale_plugin.evaluate import models
+
+    tiny_model("llama").config.save_pretrained(tmp_path)
+    (tmp_path / "latest").write_text("step4")
+    (tmp_path / models.RUN_RECORD).write_text(json.dumps({"settings": {"tensor_parallel": 2}}))
+    assert models.is_training_checkpoint(tmp_path)
+    with pytest.raises(UsageError, match=r"autotp_size 2, which DeepSpeed's consolidation does not join; give .*hf"):
+        models.load_training_checkpoint(tmp_path, torch.float32)

@@ -74,6 +74,13 @@ def load_training_checkpoint(save_dir: str | Path, dtype: torch.dtype, attn_impl
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    tp = (read_record(save_dir).get("settings") or {}).get("tensor_parallel", 1)
+    if tp > 1:  # zero_to_fp32 expects one model-parallel rank ("Expected 1 of '*_optim_states.pt' ... found 2")
+        raise UsageError(
+            f"--model {save_dir}: its checkpoints hold the shards of tensor_parallel.autotp_size {tp}, which "
+            f"DeepSpeed's consolidation does not join; give {Path(save_dir) / 'hf'} (the run's export, the whole "
+            "model) instead"
+        )
     config = AutoConfig.from_pretrained(str(save_dir))
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     settings = getattr(config, "vscale", None)
