@@ -17,15 +17,19 @@ def test_the_checkout_ds_configs_is_a_symlink_to_the_shipped_configs():
     # One copy: README's `--ds_config ds_configs/zero2.json` reads the very files the wheel carries.
     assert (REPO / "ds_configs").is_symlink()
     assert (REPO / "ds_configs").resolve() == CONFIG_DIR.resolve()
-    assert SHIPPED == ["zero1.json", "zero1_tp2.json", "zero2.json", "zero2_offload.json", "zero3.json"]
+    assert SHIPPED == [
+        "zero1.json", "zero1_tp2.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_sp2.json"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_loads_and_fills_for_two_ranks(name):
-    filled = fill_ds_config(load_ds_config(name, tensor_parallel=True), micro_batch=2, global_batch=8, world_size=2,
-                            grad_clip=1.0, bf16=False, pin_memory=False)  # fmt: skip
+    filled = fill_ds_config(load_ds_config(name, tensor_parallel=True, sequence_parallel=True), micro_batch=2,
+                            global_batch=8, world_size=2, grad_clip=1.0, bf16=False, pin_memory=False)  # fmt: skip
     if "_tp2" in name:  # one data-parallel rank: 4 micro-batches per step; DeepSpeed derives train_batch_size
         assert "train_batch_size" not in filled and filled["gradient_accumulation_steps"] == 4
+    elif "_sp2" in name:  # one data-parallel rank of 2 SP ranks: 4 micro-batches per step, 8 sequences
+        assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 4
     else:
         assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 2
     assert filled["zero_optimization"]["stage"] == int(name[len("zero")])
@@ -60,10 +64,11 @@ def test_a_missing_config_is_an_error_listing_names_that_resolve(value, tmp_path
 @pytest.mark.parametrize(
     ("extra", "key", "tensor_parallel"),
     [
-        # launchers/analyze.py: its data path gives every rank its own batches (launchers/pretrain.py runs AutoTP)
+        # launchers/analyze.py: its data path gives every rank its own batches (launchers/pretrain.py runs AutoTP and
+        # Ulysses, passing sequence_parallel=True too)
         ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size 2: this launcher does not run", False),
-        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2: the launchers do not run sequence", False),
-        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2: the launchers do not run sequence", True),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2: this launcher does not run sequence", False),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size 2: this launcher does not run sequence", True),
     ],
 )
 def test_sequence_parallelism_and_tp_outside_pretrain_are_refused_before_anything_is_built(

@@ -97,10 +97,10 @@ def test_a_deepspeed_too_old_for_autotp_is_refused(version, stage, error):
     check_tensor_parallel(1, 3, zero_stage=3, deepspeed_version="0.10.0")  # no TP: nothing to check
 
 
-def test_sequence_parallelism_stays_refused_and_other_launchers_refuse_tp(tmp_path):
+def test_other_launchers_refuse_sequence_parallelism_and_tp(tmp_path):
     path = tmp_path / "sp.json"
     path.write_text(json.dumps({**json.loads(ZERO1.read_text()), "sequence_parallel_size": 2}))
-    with pytest.raises(ConfigError, match=r"sequence_parallel_size 2: the launchers do not run sequence parallelism"):
+    with pytest.raises(ConfigError, match=r"sequence_parallel_size 2: this launcher does not run sequence parallelism"):
         load_ds_config(path, tensor_parallel=True)
     # launchers/analyze.py reads its config without tensor_parallel: its data path gives every rank its own batches
     with pytest.raises(ConfigError, match=r"autotp_size 2: this launcher does not run tensor parallelism"):

@@ -36,10 +36,11 @@ def resolve_ds_config(value: str | Path) -> Path:
     raise ConfigError(f"--ds_config {value}: no such file; available: {_available()}, or the path of your own JSON")
 
 
-def load_ds_config(value: str | Path, tensor_parallel: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config ``--ds_config value`` names. Sequence parallelism is refused; tensor parallelism
-    (``tensor_parallel.autotp_size`` > 1) too unless ``tensor_parallel``: the launcher whose data path feeds a
-    tensor-parallel group the same batches (``launchers/pretrain.py``) passes it."""
+def load_ds_config(value: str | Path, tensor_parallel: bool = False, sequence_parallel: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config ``--ds_config value`` names. Tensor parallelism (``tensor_parallel.autotp_size`` > 1) and
+    Ulysses sequence parallelism (``sequence_parallel_size`` > 1) are refused unless ``tensor_parallel`` /
+    ``sequence_parallel``: the launcher whose data path feeds a tensor-parallel group the same batches and a
+    sequence-parallel group shards of them (``launchers/pretrain.py``) passes them."""
     path = resolve_ds_config(value)
     try:
         config = json.loads(path.read_text())
@@ -49,20 +50,23 @@ def load_ds_config(value: str | Path, tensor_parallel: bool = False) -> dict[str
         ) from err
     if not isinstance(config, dict):
         raise ConfigError(f"--ds_config {value}: expected a JSON object of DeepSpeed settings; see {_available()}")
-    _refuse_model_parallelism(config, value, tensor_parallel)
+    _refuse_model_parallelism(config, value, tensor_parallel, sequence_parallel)
     return config
 
 
-def _refuse_model_parallelism(config: dict[str, Any], value: str | Path, tensor_parallel: bool) -> None:
+def _refuse_model_parallelism(
+    config: dict[str, Any], value: str | Path, tensor_parallel: bool, sequence_parallel: bool
+) -> None:
     # Ulysses needs sequence shards, and AutoTP the same batch on every rank of a TP group, which a launcher's data
-    # path must give (launchers/pretrain.py does for AutoTP). Refused here, before anything is built, instead of
+    # path must give (launchers/pretrain.py does for both). Refused here, before anything is built, instead of
     # DeepSpeed's assertion after the first batch.
     tp = tensor_parallel_size(config, value)  # a malformed size fails here too
-    sp = config.get("sequence_parallel_size", 1)
-    if isinstance(sp, int) and sp > 1:
+    sp = sequence_parallel_size(config, value)
+    if sp > 1 and not sequence_parallel:
         raise ConfigError(
-            f"--ds_config {value}: sequence_parallel_size {sp}: the launchers do not run sequence parallelism yet "
-            "(their data path gives every rank its own batches); drop it"
+            f"--ds_config {value}: sequence_parallel_size {sp}: this launcher does not run sequence parallelism "
+            "(its data path gives every rank its own batches); drop it, or train with Ulysses from "
+            'launchers/pretrain.py (README "Scaling out")'
         )
     if tp > 1 and not tensor_parallel:
         raise ConfigError(
@@ -70,6 +74,49 @@ def _refuse_model_parallelism(config: dict[str, Any], value: str | Path, tensor_
             "yet (its data path gives every rank its own batches); drop it, or use AutoTP from launchers/pretrain.py, "
             'your own loop or Trainer, where V-scale follows it (README "Scaling out")'
         )
+
+
+def sequence_parallel_size(config: dict[str, Any], value: str | Path = "") -> int:
+    """The DeepSpeed Ulysses sequence-parallel size of a DeepSpeed config (``"sequence_parallel_size": N``); 1
+    without it."""
+    size = config.get("sequence_parallel_size", 1)
+    if size is None:
+        return 1
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(
+            f'--ds_config {value}: "sequence_parallel_size" must be a whole number of ranks >= 1 (got '
+            f"{json.dumps(size)}); e.g. ds_configs/zero3_sp2.json"
+        )
+    return size
+
+
+def check_sequence_parallel_ranks(sp: int, tp: int, world_size: int, seq_len: int) -> None:
+    """A ConfigError naming every reason Ulysses of ``sp`` ranks per sequence cannot split this run: ``sp`` together
+    with AutoTP (``tp`` > 1), not dividing the ranks, or not dividing ``seq_len``. The model's side (attention, heads,
+    sliding windows, DeepSpeed's version) is :func:`vscale_plugin.hf.sequence_parallel.check_sequence_parallel`'s."""
+    if sp == 1:
+        return
+    problems = []
+    if tp > 1:
+        problems.append(
+            f"sequence_parallel_size {sp} with tensor_parallel.autotp_size {tp}: the launcher runs one of Ulysses "
+            "sequence parallelism and AutoTP, not both (their groups are not combined, nor verified together); "
+            "drop one of them from the --ds_config"
+        )
+    if world_size % sp:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        problems.append(
+            f"sequence_parallel_size {sp} does not divide the {world_size} ranks: each sequence-parallel group is "
+            f"{sp} ranks; launch a multiple of {sp} ranks (deepspeed --num_gpus {sp * max(1, world_size // sp)}) "
+            f"or set sequence_parallel_size to one of {divisors}"
+        )
+    if seq_len % sp:
+        problems.append(
+            f"--seq_len {seq_len} is not divisible by sequence_parallel_size {sp}: each of the {sp} ranks holds "
+            f"seq_len / {sp} positions of every sequence; pass --seq_len {max(sp, seq_len // sp * sp)}"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def tensor_parallel_size(config: dict[str, Any], value: str | Path = "") -> int:
@@ -163,15 +210,23 @@ def fill_ds_config(
     data-parallel ranks: the ranks of one tensor-parallel group train on the same micro-batches, so ``global_batch``
     is ``micro_batch`` x accumulation steps x ``world_size / N``. ``train_batch_size`` is then left out for DeepSpeed
     to derive: DeepSpeed 0.19.8 checks it against all ranks as data-parallel when the engine is built, and under
-    ZeRO-3 again against the data-parallel ranks alone, so no single value passes both."""
+    ZeRO-3 again against the data-parallel ranks alone, so no single value passes both.
+
+    Under Ulysses sequence parallelism (``sequence_parallel_size`` N > 1) likewise: the N ranks of a
+    sequence-parallel group share each micro-batch (each holds a 1/N shard of its positions), so ``global_batch`` is
+    ``micro_batch`` x accumulation steps x ``world_size / N``; DeepSpeed counts ``train_batch_size`` over the
+    ``world_size / N`` data-parallel ranks too (its config divides the world by the SP size), so it is filled."""
     if micro_batch < 1 or global_batch < 1:
         raise ConfigError(f"--micro_batch ({micro_batch}) and --global_batch ({global_batch}) must be positive")
     tp = tensor_parallel_size(config)
-    data_parallel = world_size // tp
+    sp = sequence_parallel_size(config)
+    data_parallel = world_size // (tp * sp)
     per_step = micro_batch * data_parallel
     ranks = f"{world_size} ranks"
     if tp > 1:
         ranks = f"{data_parallel} data-parallel ranks ({world_size} ranks / autotp_size {tp})"
+    elif sp > 1:
+        ranks = f"{data_parallel} data-parallel ranks ({world_size} ranks / sequence_parallel_size {sp})"
     if global_batch % per_step:
         raise ConfigError(
             f"--global_batch {global_batch} is not a multiple of --micro_batch {micro_batch} x {ranks} "

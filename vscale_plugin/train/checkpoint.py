@@ -17,7 +17,8 @@ from vscale_plugin.train.config import RunConfig
 
 # What a run is, recorded with its checkpoints, each with the flag that sets it: a --resume that differs in any of these
 # is refused, since it would continue another run under this one's name (another --seq_len or batch size in the same
-# MLflow run), or fail inside torch or DeepSpeed (another model, ZeRO stage, number of ranks or tensor-parallel size).
+# MLflow run), or fail inside torch or DeepSpeed (another model, ZeRO stage, number of ranks, tensor- or sequence-
+# parallel size).
 # Every other flag may change between invocations: --stop_after_steps, --save_every, --export_every, --log_every,
 # --eval_every and --stats_every say when to stop, save, export, log and measure; --attn_implementation,
 # --activation_checkpointing and --vscale_kernel how a step is computed, not what it computes.
@@ -39,6 +40,7 @@ RESUME_SETTINGS = {
     "zero_stage": "--ds_config",
     "world_size": "--num_gpus",
     "tensor_parallel": "--ds_config",
+    "sequence_parallel": "--ds_config",
     "experiment": "--experiment",
     "run_name": "--run_name",
 }
@@ -71,6 +73,7 @@ def run_settings(config: RunConfig) -> dict[str, Any]:
         "zero_stage": config.zero_stage,
         "world_size": config.world_size,
         "tensor_parallel": config.tensor_parallel,
+        "sequence_parallel": config.sequence_parallel,
         "experiment": config.experiment,
         "run_name": config.run_name,
     }
@@ -134,8 +137,8 @@ def check_resume(config: RunConfig, recorded: dict[str, Any]) -> None:
     Another tensor-parallel size (and the number of ranks with it) is allowed when ``config`` continues the
     checkpoint's universal form (``config.resume_tensor_parallel``, from :func:`resharded_from`)."""
     current = run_settings(config)
-    if recorded and "tensor_parallel" not in recorded:
-        recorded = {**recorded, "tensor_parallel": 1}  # recorded before the launcher ran tensor parallelism
+    if recorded:  # recorded before the launcher ran tensor or sequence parallelism: none
+        recorded = {"tensor_parallel": 1, "sequence_parallel": 1, **recorded}
     resharded = {"tensor_parallel", "world_size"} if config.resume_tensor_parallel is not None else set()
     differences = [
         _difference(key, recorded[key], current[key])
@@ -155,6 +158,14 @@ def _difference(key: str, then: Any, now: Any) -> str:
         return f"{then} ranks, not {now} (launch {then}, e.g. deepspeed --num_gpus {then})"
     if key == "tensor_parallel":  # resharded_from has named the way to another size
         return f"tensor_parallel.autotp_size {then}, not {now} (pass a --ds_config with autotp_size {then})"
+    if key == "sequence_parallel":
+        # The data positions are per data-parallel rank (world / SP of them), so another SP size on as many ranks
+        # splits the data another way; DeepSpeed's ZeRO partitions span all ranks either way.
+        return (
+            f"sequence_parallel_size {then}, not {now} (each rank continues the data of its data-parallel rank, "
+            f"world / sequence_parallel_size of them, so the size must stay: pass a --ds_config with "
+            f"sequence_parallel_size {then})"
+        )
     if key == "zero_stage":
         return f"ZeRO stage {then}, not {now} (pass a --ds_config of stage {then})"
     return f"{RESUME_SETTINGS[key]} {_shown(key, then)}, not {_shown(key, now)}"

@@ -18,9 +18,11 @@ from vscale_plugin.launch.cli import OneLineParser, UsageError, check_model_conf
 from vscale_plugin.launch.distributed import from_rank0
 from vscale_plugin.launch.ds_config import (
     check_kv_heads,
+    check_sequence_parallel_ranks,
     check_tensor_parallel,
     fill_ds_config,
     load_ds_config,
+    sequence_parallel_size,
     tensor_parallel_size,
 )
 from vscale_plugin.ops.vscale import KERNELS, MODES
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ds_config",
         default=None,
         help="DeepSpeed JSON config, e.g. ds_configs/zero2.json; 'auto' values are filled from the flags; "
-        '"tensor_parallel": {"autotp_size": N} trains with DeepSpeed AutoTP (e.g. ds_configs/zero1_tp2.json)',
+        '"tensor_parallel": {"autotp_size": N} trains with DeepSpeed AutoTP (e.g. ds_configs/zero1_tp2.json), '
+        '"sequence_parallel_size": N with DeepSpeed Ulysses sequence parallelism (e.g. ds_configs/zero3_sp2.json)',
     )
     p.add_argument(
         "--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help="set by the deepspeed launcher"
@@ -194,17 +197,21 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     compared. Raises UsageError/ConfigError/DataError. Call it on every rank (it starts with a collective)."""
     # Each rank's clock may be on either side of a second: the default run name (and save dir) is rank 0's.
     started = from_rank0(time.strftime("%Y%m%d-%H%M%S"))
-    raw = load_ds_config(args.ds_config, tensor_parallel=True)
+    raw = load_ds_config(args.ds_config, tensor_parallel=True, sequence_parallel=True)
     tp = tensor_parallel_size(raw)
+    sp = sequence_parallel_size(raw)
+    # before AutoTP's checks: SP with TP is refused whatever the sizes; the model's side of Ulysses (attention, heads,
+    # sliding windows) is checked with the model's config, in main; --seq_len once the recipe is resolved
+    check_sequence_parallel_ranks(sp, tp, world_size, args.seq_len or PRESETS[args.preset].seq_len)
     if args.init_from is None:  # an --init_from model's heads are checked with the model, below
         preset = PRESETS[args.preset]
         check_kv_heads(tp, preset.kv_heads, f"the {preset.name} preset")
     check_tensor_parallel(tp, world_size, raw.get("zero_optimization", {}).get("stage", 0))
-    data_parallel = world_size // tp
     recipe = PRESETS[args.preset].with_overrides(
         max_steps=args.max_steps, seq_len=args.seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
         lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
     )  # fmt: skip
+    data_parallel = world_size // (tp * sp)
     if args.global_batch is None and args.micro_batch is not None:
         recipe = recipe.with_overrides(global_batch=max(recipe.global_batch, recipe.micro_batch * data_parallel))
     check_recipe(recipe, args)
@@ -253,6 +260,7 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
         ds_config=ds_config,
         world_size=world_size,
         tensor_parallel=tp,
+        sequence_parallel=sp,
         eval_every=args.eval_every or max(1, recipe.max_steps // 10),
         eval_batches=args.eval_batches,
         stats_every=args.stats_every,

@@ -29,6 +29,7 @@ class RunConfig:
     ds_config: dict[str, Any]  # every "auto" filled
     world_size: int
     tensor_parallel: int  # DeepSpeed AutoTP's tensor_parallel.autotp_size (1: none); divides world_size
+    sequence_parallel: int  # DeepSpeed Ulysses' sequence_parallel_size (1: none); divides world_size; not with TP
     eval_every: int
     eval_batches: int
     stats_every: int  # 0: no statistics
@@ -60,13 +61,20 @@ class RunConfig:
 
     @property
     def data_parallel_size(self) -> int:
-        """Data-parallel ranks: the ranks of one tensor-parallel group train on the same batches."""
-        return self.world_size // self.tensor_parallel
+        """Data-parallel ranks: the ranks of one tensor-parallel group train on the same batches, those of one
+        sequence-parallel group on shards of the same batches."""
+        return self.world_size // (self.tensor_parallel * self.sequence_parallel)
 
     def data_parallel_rank(self, rank: int) -> int:
         """The data-parallel rank of global ``rank``: DeepSpeed's AutoTP groups are consecutive ranks (its mesh is
-        (data_parallel, tensor_parallel), tensor-parallel innermost), so ``rank // tensor_parallel``."""
-        return rank // self.tensor_parallel
+        (data_parallel, tensor_parallel), tensor-parallel innermost), so ``rank // tensor_parallel``; so are its
+        Ulysses groups (``parallel_state_sp``: ranks ``i * sp .. (i + 1) * sp - 1``), so ``rank // sequence_parallel``.
+        """
+        return rank // (self.tensor_parallel * self.sequence_parallel)
+
+    def sequence_parallel_rank(self, rank: int) -> int:
+        """Which shard of each sequence global ``rank`` holds in its sequence-parallel group (0 without SP)."""
+        return rank % self.sequence_parallel
 
     @property
     def bf16(self) -> bool:

@@ -13,8 +13,9 @@ from vscale_plugin.train.recipe import Preset
 from vscale_plugin.train.schedule import lr_lambda
 
 
-def build_engine(model: nn.Module, recipe: Preset, ds_config: dict[str, Any]):
-    """``deepspeed.initialize`` of ``model`` with the recipe's AdamW and schedule; returns (engine, scheduler)."""
+def build_engine(model: nn.Module, recipe: Preset, ds_config: dict[str, Any], mpu: Any = None):
+    """``deepspeed.initialize`` of ``model`` with the recipe's AdamW and schedule; returns (engine, scheduler).
+    ``mpu``: Ulysses' parallel state under sequence parallelism (``train.sequence_parallel.register``)."""
     import deepspeed
 
     groups = decay_parameter_groups(model, recipe.weight_decay)  # norms, biases and theta spared
@@ -30,6 +31,6 @@ def build_engine(model: nn.Module, recipe: Preset, ds_config: dict[str, Any]):
         optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
     )
     return engine, scheduler

@@ -20,6 +20,7 @@ from vscale_plugin.train.checkpoint import save_checkpoint
 from vscale_plugin.train.config import RunConfig
 from vscale_plugin.train.export import HF_DIR, export_hf
 from vscale_plugin.train.mlflow_run import log_profiles
+from vscale_plugin.train.sequence_parallel import SequenceShards, micro_batch_loss
 from vscale_plugin.train.stop import StopRequest
 from vscale_plugin.train.throughput import count_flops_per_token, peak_flops, summary
 
@@ -55,6 +56,7 @@ def train(
         progress = tqdm(total=recipe.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0, file=sys.stderr)  # fmt: skip
     batches = iter(data)
+    shards = SequenceShards.of(engine, config, rank)
     collector = StatsCollector(engine, every=config.stats_every) if config.stats_every else None
     step = start_step
     # The step the latest checkpoint holds, so that the last one is not written twice.
@@ -71,7 +73,7 @@ def train(
         with collector.capture(step + 1) if collector is not None else contextlib.nullcontext():
             for _ in range(accum):
                 batch = next(batches).to(device)
-                loss = engine(input_ids=batch, labels=batch).loss
+                loss = micro_batch_loss(engine, batch, shards)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach().float().item())
@@ -93,7 +95,7 @@ def train(
             metrics["perf/mfu"] = flops_per_token * tokens_per_step / step_s / (peak * config.world_size)
         timings.append((step_s, metrics.get("perf/mfu")))
         if step % config.eval_every == 0 or step == recipe.max_steps:
-            metrics["eval/loss"] = evaluate(engine, eval_data, config.eval_batches)
+            metrics["eval/loss"] = evaluate(engine, eval_data, config.eval_batches, shards)
         stats = collector.result() if collector is not None else {}
         metrics.update(stats)
         new_step = skip_through is None or step > skip_through
@@ -139,8 +141,9 @@ def train(
     return step
 
 
-def evaluate(engine, data: Batches, batches: int) -> float:
-    """eval/loss: the mean loss of the first ``batches`` micro-batches per rank of the eval split, over all ranks."""
+def evaluate(engine, data: Batches, batches: int, shards: SequenceShards | None = None) -> float:
+    """eval/loss: the mean loss of the first ``batches`` micro-batches per rank of the eval split, over all ranks
+    (under sequence parallelism each micro-batch's loss combined over its SP group first, which holds it in shards)."""
     losses = []
     engine.eval()
     with torch.no_grad():
@@ -148,7 +151,7 @@ def evaluate(engine, data: Batches, batches: int) -> float:
             if i >= batches:
                 break
             batch = batch.to(engine.device)
-            losses.append(engine(input_ids=batch, labels=batch).loss.float().item())
+            losses.append(micro_batch_loss(engine, batch, shards).float().item())
     engine.train()
     return mean_over_ranks(losses) if losses else float("nan")
 

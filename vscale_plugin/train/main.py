@@ -24,6 +24,7 @@ from vscale_plugin.train.engine import build_engine
 from vscale_plugin.train.loop import train
 from vscale_plugin.train.mlflow_run import check_tracking, open_run
 from vscale_plugin.train.model import build_model, check_vocabulary
+from vscale_plugin.train.sequence_parallel import check_model, register
 from vscale_plugin.train.stop import launcher_processes, stop_on_signals
 
 
@@ -44,11 +45,13 @@ def run(argv: list[str] | None = None) -> int:
                                       TOKENIZER_CACHE)  # fmt: skip
             data, eval_data = on_every_rank(open_data, config, tokenizer, rank)
             on_every_rank(check_vocabulary, config, tokenizer)
+            on_every_rank(check_model, config, tokenizer)  # Ulysses' needs of the model, under sequence parallelism
         except (ConfigError, DataError) as err:
             return fail(str(err), rank=rank)
         config.save_dir.mkdir(parents=True, exist_ok=True)  # every check passed: the run's directory
         model = build_model(config, tokenizer)
-        engine, scheduler = build_engine(model, config.recipe, config.ds_config)
+        mpu = register(model, config)  # Ulysses' attention and SP groups (None without sequence parallelism)
+        engine, scheduler = build_engine(model, config.recipe, config.ds_config, mpu)
         start_step, run_id = load_checkpoint(engine, config, rank, data) if config.resume else (0, None)
         # Until here a signal ends the process at once, as usual (nothing is logged or trained yet); from the MLflow
         # run on it stops the run at the next step boundary, checkpointed.
@@ -77,7 +80,8 @@ def run(argv: list[str] | None = None) -> int:
 def open_data(config: RunConfig, tokenizer: Tokenizer, rank: int) -> tuple[Batches, Batches]:
     """This rank's training and eval batches, each read up to its first batch now, so that a dataset that cannot
     give them (too small for the eval slice, no documents for a rank, unreadable) fails before training. The data
-    is split over the data-parallel ranks: the ranks of one tensor-parallel group get the same batches."""
+    is split over the data-parallel ranks: the ranks of one tensor- or sequence-parallel group get the same batches
+    (each rank of an SP group trains on its shard of them, ``train.sequence_parallel``)."""
     recipe = config.recipe
     train_data, eval_data = (
         open_batches(config.dataset, tokenizer, recipe.seq_len, recipe.micro_batch,

@@ -63,6 +63,7 @@ def summary(
         "global_batch": recipe.global_batch,
         "world_size": config.world_size,
         "tensor_parallel": config.tensor_parallel,
+        "sequence_parallel": config.sequence_parallel,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": "bfloat16" if config.bf16 else "float32",
         "zero_stage": config.zero_stage,
