@@ -21,7 +21,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
 from deepspeed.utils import safe_get_full_grad
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -29,10 +28,9 @@ import vscale_plugin as vsp
 from vscale_plugin.hf.sequence_parallel import (
     check_sequence_parallel,
     check_sequence_parallel_batch,
-    sequence_parallel_loss,
     sequence_parallel_size,
 )
-from vscale_plugin.testing.distributed import engine_config, gathered, worker_main
+from vscale_plugin.testing.distributed import UlyssesRun, engine_config, gathered, worker_main
 from vscale_plugin.testing.models import randomise_theta, tiny_model
 
 STEPS = 3
@@ -133,37 +131,19 @@ def train(sp: bool, rank: int) -> dict:
     if sp:
         check_sequence_parallel(model, SP, "sdpa", world_size=2)
         record_kernel(kernel)
-        mpu = UlyssesSPAttentionHF.register_with_transformers(
-            model, "sdpa", SP, micro_batch_size=2, seq_length=T, seq_length_is_variable=False
-        )
-        config = engine_config(STAGE, 2, 1, lr=LR)  # one data-parallel replica of 2 SP ranks
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
-        group = mpu.get_sequence_parallel_group()
         rows = [{"input_ids": r, "position_ids": torch.arange(T), "labels": r} for r in batch(rank)] * 2
         for row in rows[:2]:
             check_sequence_parallel_batch({k: v[None] for k, v in row.items()}, SP)
-        rows_loader = torch.utils.data.DataLoader(rows, batch_size=2)
-        loader = UlyssesSPDataLoaderAdapter(rows_loader, sp_rank=rank, sp_group=group, sp_world_size=SP, device="cpu")
-        micro = iter(loader)
+        run = UlyssesRun(model, SP, STAGE, rows, rank, micro_batch=2, lr=LR)  # one data-parallel replica of 2 SP ranks
+        engine = run.engine
     else:
         config = engine_config(STAGE, 2, 2, lr=LR)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     recorder = Recorder(engine.module)
     for step in range(STEPS):
         if sp:
-            # The adapter's shards are slices of the gathered rows; on a GPU its .cpu() copies them, on the CPU it
-            # does not, and transformers' loss then fails on .view(-1) of the strided shift_labels.
-            inputs = {k: v.contiguous() for k, v in next(micro).items()}
-            out.setdefault("micro_batches", []).append({k: v.tolist() for k, v in inputs.items()})
-            labels = inputs["shift_labels"]
-            local = engine(
-                input_ids=inputs["input_ids"],
-                position_ids=inputs["position_ids"],
-                labels=labels,
-                shift_labels=labels,
-                use_cache=False,
-            ).loss
-            loss = sequence_parallel_loss(local, labels, group, zero_stage=STAGE)
+            loss = run.loss()
+            out.setdefault("micro_batches", []).append({k: v.tolist() for k, v in run.inputs.items()})
         else:
             ids = batch(step % 2)
             loss = engine(input_ids=ids, labels=ids, use_cache=False).loss

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
 
 import vscale_plugin as vsp
-from vscale_plugin.hf.sequence_parallel import check_sequence_parallel, sequence_parallel_loss
-from vscale_plugin.testing.distributed import engine_config, worker_main
+from vscale_plugin.hf.sequence_parallel import check_sequence_parallel
+from vscale_plugin.testing.distributed import UlyssesRun, engine_config, worker_main
 from vscale_plugin.testing.models import randomise_theta, tiny_model
 
 STEPS = 3
@@ -42,21 +41,9 @@ def train(sp: bool, rank: int) -> dict:
     model = randomise_theta(vsp.apply_vscale(tiny_model(ARCH, attn_implementation="sdpa", **NO_WINDOW.get(ARCH, {}))))
     if sp:
         check_sequence_parallel(model, SP, "sdpa", world_size=2)
-        mpu = UlyssesSPAttentionHF.register_with_transformers(
-            model, "sdpa", SP, micro_batch_size=2, seq_length=T, seq_length_is_variable=False
-        )
-        config = engine_config(STAGE, 2, 1, lr=LR)  # one data-parallel replica of 2 SP ranks
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
-        group = mpu.get_sequence_parallel_group()
         rows = [{"input_ids": r, "position_ids": torch.arange(T), "labels": r} for r in batch(rank)] * 2
-        loader = UlyssesSPDataLoaderAdapter(
-            torch.utils.data.DataLoader(rows, batch_size=2),
-            sp_rank=rank,
-            sp_group=group,
-            sp_world_size=SP,
-            device="cpu",
-        )
-        micro = iter(loader)
+        run = UlyssesRun(model, SP, STAGE, rows, rank, micro_batch=2, lr=LR)
+        engine = run.engine
     else:
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=engine_config(STAGE, 2, 2, lr=LR)
@@ -68,11 +55,7 @@ def train(sp: bool, rank: int) -> dict:
         used = local if step == 1 else collector
         with used.capture(step):
             if sp:
-                inputs = {k: v.contiguous() for k, v in next(micro).items()}
-                labels = inputs["shift_labels"]
-                shard = engine(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], labels=labels,
-                               shift_labels=labels, use_cache=False).loss  # fmt: skip
-                loss = sequence_parallel_loss(shard, labels, group, zero_stage=STAGE)
+                loss = run.loss()
             else:
                 ids = batch(step % 2)
                 loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
@@ -85,12 +68,12 @@ def train(sp: bool, rank: int) -> dict:
             vsp.StatsCollector(engine.module)
         except NotImplementedError as err:
             out["bare_model_error"] = str(err)
-        ids = inputs["input_ids"]
+        ids = run.inputs["input_ids"]
         mask = torch.ones_like(ids)
         mask[:, -2:] = 0  # each rank's shard ends in pads
         try:
             with collector.capture(STEPS):
-                engine(input_ids=ids, position_ids=inputs["position_ids"], attention_mask=mask, use_cache=False)
+                engine(input_ids=ids, position_ids=run.inputs["position_ids"], attention_mask=mask, use_cache=False)
         except ValueError as err:
             out["padded_error"] = str(err)
     return out

@@ -211,3 +211,39 @@ def full_state_dict(model: Any) -> dict[str, Any]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class UlyssesRun:
+    """A test engine under DeepSpeed Ulysses sequence parallelism: ``model`` (sdpa) of ``sp`` ranks, one data-parallel
+    replica, fed by DeepSpeed's ``UlyssesSPDataLoaderAdapter`` from ``rows`` (this rank's dicts of ``input_ids``,
+    ``position_ids`` and ``labels``, ``micro_batch`` at a time: the adapter hands every rank its shard of rank 0's
+    micro-batch, then of rank 1's, ...). ``loss()`` runs the next micro-batch's forward and returns the loss of the
+    whole sequences (:func:`~vscale_plugin.hf.sequence_parallel.sequence_parallel_loss`)."""
+
+    def __init__(self, model: Any, sp: int, stage: int, rows: list[dict], rank: int, micro_batch: int, lr: float):
+        import deepspeed
+        import torch
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
+
+        seq_len = rows[0]["input_ids"].shape[-1]
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model, "sdpa", sp, micro_batch_size=micro_batch, seq_length=seq_len, seq_length_is_variable=False
+        )
+        config = engine_config(stage, micro_batch, 1, lr=lr)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
+        self.stage = stage
+        self.group = mpu.get_sequence_parallel_group()
+        rows_loader = torch.utils.data.DataLoader(rows, batch_size=micro_batch)
+        self._micro = iter(UlyssesSPDataLoaderAdapter(rows_loader, rank, self.group, sp, "cpu"))
+        self.inputs: dict[str, Any] = {}
+
+    def loss(self):
+        from vscale_plugin.hf.sequence_parallel import sequence_parallel_loss
+
+        # The adapter's shards are slices of the gathered rows; on a GPU its .cpu() copies them, on the CPU it does
+        # not, and transformers' loss then fails on .view(-1) of the strided shift_labels.
+        self.inputs = {k: v.contiguous() for k, v in next(self._micro).items()}
+        labels = self.inputs["shift_labels"]
+        shard = self.engine(input_ids=self.inputs["input_ids"], position_ids=self.inputs["position_ids"],
+                            labels=labels, shift_labels=labels, use_cache=False).loss  # fmt: skip
+        return sequence_parallel_loss(shard, labels, self.group, zero_stage=self.stage)
