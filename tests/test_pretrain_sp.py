@@ -1,9 +1,10 @@
 """``launchers/pretrain.py`` under DeepSpeed Ulysses sequence parallelism (issue 15, item 4):
-``"sequence_parallel_size": 2`` in ``--ds_config`` on 2 CPU ranks over gloo trains with the per-step losses and
-eval/loss of a 1-rank run of the same global batch (ZeRO-1 stopped and resumed, ZeRO-3 straight with
-``ds_configs/zero3_sp2.json``), exports the 1-rank run's weights, records its SP size with the checkpoints and refuses
-another on ``--resume``, and refuses what cannot work (an SP size that does not divide the ranks, eager attention, SP
-with AutoTP) with one ``error:`` line before anything exists.
+``"sequence_parallel_size": 2`` in ``--ds_config`` on 2 CPU ranks over gloo trains with the per-step losses, gradient
+norms and eval/loss of a 1-rank run of the same global batch (ZeRO-1 stopped and resumed, ZeRO-3 straight with
+``ds_configs/zero3_sp2.json``, whose statistics equal the 1-rank run's too), exports the 1-rank run's weights,
+records its SP size with the checkpoints and refuses another on ``--resume``, and refuses what cannot work (an SP
+size that does not divide the ranks or ``--seq_len``, eager attention, SP with AutoTP) with one ``error:`` line
+before anything exists.
 
 The 2 ranks form one SP group, so one data-parallel rank: both read the batches the 1-rank run reads and each trains
 on its half of every sequence. Feeding them different batches, sharding wrongly or averaging the shards' losses
@@ -39,6 +40,7 @@ ZERO1 = REPO / "ds_configs" / "zero1.json"
 # 4 steps of 4 sequences: 2 micro-batches of 2 per step on the one data-parallel rank (an SP group of 2, or the single
 # rank of the reference run).
 COMMON = ("--max_steps", "4", "--global_batch", "4", "--micro_batch", "2", "--seed", "3", "--experiment", "sp")
+STATS = ("--stats_every", "2")  # the reference and the straight ZeRO-3 SP run measure the statistics at steps 2 and 4
 
 
 def _with(base: Path, path: Path, **extra) -> Path:
@@ -120,10 +122,10 @@ def runs(env, tmp_path_factory) -> dict:
     same checkpoint resumed without SP (refused)."""
     root = tmp_path_factory.mktemp("sp-runs")
     zero1_sp2 = _with(ZERO1, root / "zero1_sp2.json", sequence_parallel_size=2)
-    one = _one_rank(env, "--ds_config", ZERO1, "--save_dir", root / "one", "--run_name", "one", *COMMON)
+    one = _one_rank(env, "--ds_config", ZERO1, "--save_dir", root / "one", "--run_name", "one", *COMMON, *STATS)
     assert one.returncode == 0, one.stderr[-3000:]
     z3 = run_deepspeed(LAUNCHER, "--ds_config", ZERO3_SP2, "--save_dir", root / "z3", "--run_name", "z3", *COMMON,
-                       env=env, timeout=300)  # fmt: skip
+                       *STATS, env=env, timeout=300)  # fmt: skip
     first = run_deepspeed(LAUNCHER, "--ds_config", zero1_sp2, "--save_dir", root / "sp", "--run_name", "sp", *COMMON,
                           "--stop_after_steps", "2", env=env, timeout=300)  # fmt: skip
     # the same 2 ranks without SP: 2 data-parallel ranks, each continuing data it never had
@@ -170,6 +172,20 @@ def test_sp2_trains_like_one_rank_and_resumes_with_the_losses_of_a_run_never_sto
     summary = json.loads((runs["root"] / "sp" / "train_summary.json").read_text())
     assert summary["sequence_parallel"] == 2 and summary["global_batch"] == 4
     assert json.loads((runs["root"] / "sp" / "vscale_run.json").read_text())["settings"]["sequence_parallel"] == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_statistics_under_sp2_equal_the_one_rank_runs(runs, env):
+    # the StatsCollector combines each rank's shard over the engine's SP group (vscale_plugin/stats/collector.py)
+    client, sp = _run(env, "z3")
+    _, one = _run(env, "one")
+    measured = {k for k in one.data.metrics if k.split("/")[0] in ("gs", "as", "ma", "vscale", "qr", "grad")}
+    assert len(measured) > 200 and measured <= set(sp.data.metrics)
+    for key in sorted(measured):
+        # abs: gs/q/tok0 is float noise around an exact 0 (token 0's query attends to itself alone)
+        assert sp.data.metrics[key] == pytest.approx(one.data.metrics[key], rel=1e-3, abs=1e-9), key
+    assert [m.step for m in client.get_metric_history(sp.info.run_id, "gs/ratio/median")] == [2, 4]
 
 
 @pytest.mark.e2e
