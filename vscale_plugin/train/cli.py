@@ -243,8 +243,10 @@ def build_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     )
     save_dir = Path(args.save_dir) if args.save_dir is not None else Path("checkpoints") / run_name
     check_save_dir(save_dir, args.resume)
+    # another SP size is refused by check_resume, naming it, before any talk of resharding for another TP size
+    same_sp = recorded.get("sequence_parallel", 1) == sp
     resharded = resharded_from(recorded, world_size, tp, ds_config.get("zero_optimization", {}).get("stage", 0),
-                               save_dir) if args.resume else None  # fmt: skip
+                               save_dir) if args.resume and same_sp else None  # fmt: skip
     if resharded is not None:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     config = RunConfig(
