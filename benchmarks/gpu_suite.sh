@@ -6,6 +6,8 @@
 # `bash benchmarks/gpu_wheels.sh .whl`) into ${VSP_SITE:-/tmp/site} with pip --no-index, then runs benchmarks/suite.py: JSON
 # results in --out (default benchmarks/results/cuda-<time>) and a table printed last. A benchmark whose needs still
 # do not import (datasets without pyarrow, say) is reported as skipped with the import error; the others run.
+# The statistics under sequence and tensor parallelism (benchmarks/sp_statistics.py, tp_statistics.py) start 2
+# ranks: on a host with fewer than 2 GPUs they are reported as skipped ("needs 2 GPUs, this host has 1"), not failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}

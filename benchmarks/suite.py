@@ -10,7 +10,10 @@ For each preset (0.1B, 0.3B, 1B by default), in this order so that the most impo
 PyTorch loop), ``collector_overhead.py`` (idle/capture/amortised, capture-step memory at T = 1k/2k/4k) and
 ``data_throughput.py`` (the launcher's pipeline against the launcher's measured tokens/s); then, for the first
 preset, ``engine_phases.py`` (forward/backward/step of a plain model vs the DeepSpeed engine); then, per preset,
-``evaluate_throughput.py`` (evaluation perplexity tokens/s and NIAH samples/s, as is and fake-quantised). Each runs
+``evaluate_throughput.py`` (evaluation perplexity tokens/s and NIAH samples/s, as is and fake-quantised); last,
+``sp_statistics.py`` and ``tp_statistics.py`` (a statistics capture step against a normal one per rank, time and
+extra peak memory against T, under Ulysses SP 2 and AutoTP 2), which need 2 GPUs: on a host with fewer they are
+reported as skipped with the count ("needs 2 GPUs, this host has 1"), which does not make the suite fail. Each runs
 as its own process with a timeout that keeps the whole suite inside ``--budget_s``; what the budget cannot fit is
 reported as skipped, never silently dropped. Every result is a JSON file in ``--out``, with ``suite.json`` indexing
 them; the exit code is 0 only when every step succeeded.
@@ -41,7 +44,12 @@ NEEDS = {
     "data_throughput": ("datasets",),
     "engine_phases": ("deepspeed", "datasets"),
     "evaluate_throughput": ("datasets",),  # vscale_plugin.data (the perplexity's tokenizer type) imports it
+    "sp_statistics": ("deepspeed",),
+    "tp_statistics": ("deepspeed",),
 }
+# GPUs a benchmark needs (it starts that many ranks); on a host with fewer it is skipped, not failed.
+GPUS = {"sp_statistics": 2, "tp_statistics": 2}
+PARALLEL = {"sp_statistics": "sp2", "tp_statistics": "tp2"}  # their "preset": the parallelism, not a model size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +97,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for preset in args.presets:
         tiny = ["--context", "64", "--batch", "2", "--new_tokens", "4", "--repeats", "1"] if args.quick else []
         steps.append(("evaluate_throughput", preset, [*d, "--preset", preset, *tiny], 90))
+    # The statistics under sequence and tensor parallelism, on 2 GPUs (own small model: no preset).
+    tiny = ["--quick", "--seq_lens", "128", "256", "--repeats", "1", "--layers", "1"] if args.quick else []
+    for name, label in PARALLEL.items():
+        steps.append((name, label, [*d, *tiny], 240))
     return [{"name": n, "preset": p, "argv": a, "cap_s": c} for n, p, a, c in steps]
 
 
@@ -107,8 +119,11 @@ def _training_rate(out: Path, preset: str) -> float | None:
     return result["launcher"]["median_tokens_per_s"] if result else None
 
 
-def run_step(step: dict, out: Path, deadline: float, env: dict, missing: dict[str, str] | None = None) -> dict:
-    """Run one step as its own process; ``missing`` maps a module that does not import here to its error."""
+def run_step(
+    step: dict, out: Path, deadline: float, env: dict, missing: dict[str, str] | None = None, gpus: int = 0
+) -> dict:
+    """Run one step as its own process; ``missing`` maps a module that does not import here to its error, ``gpus``
+    is how many GPUs the host has (a step that needs more is skipped, marked ``not_applicable``)."""
     argv = list(step["argv"])
     rate = _training_rate(out, step["preset"]) if step["name"] == "data_throughput" else None
     if rate:  # what the launcher really consumed (per rank); without it, data_throughput times a few steps itself
@@ -117,6 +132,11 @@ def run_step(step: dict, out: Path, deadline: float, env: dict, missing: dict[st
     log = result_file.with_suffix(".log")
     timeout = min(step["cap_s"], deadline - time.monotonic())
     record = {"name": step["name"], "preset": step["preset"], "argv": argv, "log": log.name}
+    need = GPUS.get(step["name"], 0)
+    if need > gpus:
+        reason = f"needs {need} GPUs, this host has {gpus}"
+        print(f"[suite] {step['name']} {step['preset']}: skipped, {reason}", flush=True)
+        return {**record, "status": "skipped", "reason": reason, "not_applicable": True, "wall_s": 0.0}
     unmet = [f"{name} ({missing[name]})" for name in NEEDS[step["name"]] if name in (missing or {})]
     if unmet:
         reason = f"needs {', '.join(unmet)}, which does not import here"
@@ -184,12 +204,31 @@ def table(out: Path, presets: list[str]) -> str:
     return "\n".join(rows)
 
 
+def parallel_table(out: Path, steps: list[dict]) -> str:
+    """The SP/TP statistics benchmarks: capture/normal step time and extra peak memory per rank at each T, with the
+    extra memory's growth factor when T doubles (about 2: linear); a step that did not run shows why."""
+    rows = ["| benchmark | T | capture/normal time | extra MB per rank | extra growth |", "|---|---|---|---|---|"]
+    for step in steps:
+        if step["name"] not in PARALLEL:
+            continue
+        result = _load(out, step["name"], step["preset"]) if step["status"] == "ok" else None
+        if not result:
+            rows.append(f"| {step['name']} | - | {step['status']}: {step.get('reason', '')} | - | - |")
+            continue
+        for t, row in result["results"].items():
+            growth = result["extra_growth"].get(t)
+            rows.append(f"| {step['name']} | {t} | {_fmt(row.get('ratio'), '.3f')} | "
+                        f"{_fmt(row.get('extra_mb'), '+.1f')} | {_fmt(growth, '.2f')} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def environment(device: str, env: dict) -> dict:
     """Versions of what the benchmarks import, probed in a child with the steps' environment; ``missing`` maps each
     optional module that does not import to its error (one line)."""
     code = ("import importlib, json, torch, transformers\n"
             "d = {'torch': torch.__version__, 'transformers': transformers.__version__,"
-            " 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'missing': {}}\n"
+            " 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,"
+            " 'gpus': torch.cuda.device_count(), 'missing': {}}\n"
             f"for name in {sorted({n for needs in NEEDS.values() for n in needs})!r}:\n"
             " try:\n  d[name] = importlib.import_module(name).__version__\n"
             " except Exception as err:\n  d['missing'][name] = f'{type(err).__name__}: {err}'.splitlines()[0][:300]\n"
@@ -219,17 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, error in missing.items():
         print(f"[suite] {name} does not import here: {error}", flush=True)
     for step in plan(args):
-        summary["steps"].append(run_step(step, out, deadline, env, missing))
+        gpus = summary["environment"].get("gpus", 0) if args.device == "cuda" else 0
+        summary["steps"].append(run_step(step, out, deadline, env, missing, gpus=gpus))
         (out / "suite.json").write_text(json.dumps(summary, indent=1))
     summary["total_wall_s"] = time.monotonic() - start
     summary["table"] = table(out, args.presets)
+    summary["parallel_table"] = parallel_table(out, summary["steps"])
     (out / "suite.json").write_text(json.dumps(summary, indent=1))
-    failed = [f"{s['name']} {s['preset']}: {s['status']}" for s in summary["steps"] if s["status"] != "ok"]
-    print(f"\n[suite] {len(summary['steps']) - len(failed)}/{len(summary['steps'])} steps ok in "
+    failed = [f"{s['name']} {s['preset']}: {s['status']}" for s in summary["steps"]
+              if s["status"] != "ok" and not s.get("not_applicable")]  # fmt: skip
+    ok = sum(s["status"] == "ok" for s in summary["steps"])
+    print(f"\n[suite] {ok}/{len(summary['steps'])} steps ok in "
           f"{summary['total_wall_s']:.0f} s (budget {args.budget_s:.0f} s); results in {out}", flush=True)  # fmt: skip
     for line in failed:
         print(f"[suite] not ok: {line}", flush=True)
     env_line = summary["environment"]
+    print(f"\n{summary['parallel_table']}", flush=True)
     print(f"\n{env_line.get('gpu') or 'CPU'}, torch {env_line.get('torch')}, {summary['date']}", flush=True)
     print(summary["table"], flush=True)
     return 0 if not failed else 1

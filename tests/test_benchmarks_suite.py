@@ -18,7 +18,10 @@ STEPS = (
     "data_throughput",
     "engine_phases",
     "evaluate_throughput",
+    "sp_statistics",
+    "tp_statistics",
 )
+PARALLEL = ("sp_statistics", "tp_statistics")  # 2 GPUs: skipped on CPU, without failing the suite
 
 
 def _run_suite(tmp_path: Path, *flags: str, python: str = sys.executable, timeout: int = 900):
@@ -42,8 +45,10 @@ def test_suite_runs_every_benchmark_and_prints_their_numbers_last(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "suite.json").read_text())
     assert [s["name"] for s in summary["steps"]] == list(STEPS)
-    assert all(s["status"] == "ok" for s in summary["steps"]), summary["steps"]
-    results = {name: json.loads((out / f"{name}_smoke.json").read_text()) for name in STEPS}
+    assert all(s["status"] == "ok" for s in summary["steps"] if s["name"] not in PARALLEL), summary["steps"]
+    for step in summary["steps"][-2:]:
+        assert step["status"] == "skipped" and step["reason"] == "needs 2 GPUs, this host has 0", step
+    results = {name: json.loads((out / f"{name}_smoke.json").read_text()) for name in STEPS if name not in PARALLEL}
     assert summary["environment"]["deepspeed"] and summary["environment"]["device"] == "cpu"
 
     launcher = results["launcher_vs_loop"]["launcher"]
@@ -108,8 +113,8 @@ def test_suite_skips_what_its_budget_cannot_fit_and_says_so(tmp_path):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "suite.json").read_text())
     assert {s["status"] for s in summary["steps"]} == {"skipped"}
-    assert all("budget" in s["reason"] for s in summary["steps"])
-    assert "[suite] 0/6 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
+    assert all("budget" in s["reason"] for s in summary["steps"] if s["name"] not in PARALLEL)
+    assert "[suite] 0/8 steps ok" in proc.stdout and "not ok: vscale_overhead smoke: skipped" in proc.stdout
     assert _row(proc.stdout)[1:] == ["-"] * 13
 
 
@@ -120,3 +125,39 @@ def test_suite_without_dependencies_or_wheels_exits_2_and_names_the_wheel_script
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "benchmarks/gpu_wheels.sh" in proc.stderr and "no-wheels" in proc.stderr
     assert "[suite]" not in proc.stdout  # nothing ran
+
+
+def _suite_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vsp_bench_suite", REPO / "benchmarks" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_parallel_statistics_steps_are_skipped_below_2_gpus_with_the_count_and_do_not_fail(tmp_path, gpus):
+    suite = _suite_module()
+    args = suite.parse_args(["--device", "cuda", "--out", str(tmp_path)])
+    steps = {s["name"]: s for s in suite.plan(args)}
+    assert [s["name"] for s in suite.plan(args)][-2:] == list(PARALLEL)
+    assert "--quick" not in steps["sp_statistics"]["argv"]
+    assert steps["tp_statistics"]["argv"][:2] == ["--device", "cuda"]
+    for name in PARALLEL:
+        record = suite.run_step(steps[name], tmp_path, float("inf"), dict(os.environ), {}, gpus=gpus)
+        assert record["status"] == "skipped" and record["not_applicable"], record
+        assert record["reason"] == f"needs 2 GPUs, this host has {gpus}"
+        assert not (tmp_path / record["log"]).exists()  # nothing was started
+    table = suite.parallel_table(tmp_path, [{**record, "name": "sp_statistics"}])
+    assert f"| sp_statistics | - | skipped: needs 2 GPUs, this host has {gpus} | - | - |" in table.splitlines()
+
+
+def test_parallel_table_shows_each_length_of_a_result(tmp_path):
+    suite = _suite_module()
+    result = {"results": {"512": {"ratio": 1.5, "extra_mb": 2.0}, "1024": {"ratio": 1.25, "extra_mb": 4.2}},
+              "extra_growth": {"1024": 2.1}}  # fmt: skip
+    (tmp_path / "tp_statistics_tp2.json").write_text(json.dumps(result))
+    table = suite.parallel_table(tmp_path, [{"name": "tp_statistics", "preset": "tp2", "status": "ok"}])
+    assert table.splitlines()[2:] == ["| tp_statistics | 512 | 1.500 | +2.0 | - |",
+                                      "| tp_statistics | 1024 | 1.250 | +4.2 | 2.10 |"]  # fmt: skip
