@@ -27,10 +27,9 @@ size, before anything is built) and :func:`check_sequence_parallel_batch` (a bat
 group, each rank back-propagating its own share: ZeRO-1/2 sum gradients over the SP group; ZeRO-3 before DeepSpeed
 0.20.2 averages them, which the loss makes up for).
 
-The statistics collector does not know sequence parallelism yet: under Ulysses each rank takes its shard for whole
-sequences (position 0 of rank 1's shard counted as token 0, sinks from a shard's queries; measured on 2 ranks: 99 of
-129 statistics differ from the run without SP). :func:`sequence_parallel_size` tells it (or anyone) that a model or
-engine runs under Ulysses.
+The statistics collector combines its numbers over the SP group of the engine it is given
+(:mod:`vscale_plugin.stats.collector`); :func:`sequence_parallel_size` tells it (or anyone) that a model or engine runs
+under Ulysses, so that a bare model under Ulysses is refused rather than measured shard by shard as whole sequences.
 """
 
 from __future__ import annotations
