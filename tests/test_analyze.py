@@ -202,3 +202,26 @@ def test_analyze_under_zero3_on_two_ranks_equals_one_process(saved):
     sequences = torch.cat([next(data), next(data)])
     model = vsp.from_pretrained(saved / "model", attn_implementation="sdpa")
     _assert_matches(zero3, one, _per_call_mean(model, sequences.split(1)))
+
+
+@pytest.mark.distributed
+def test_analyze_under_ulysses_sequence_parallelism_on_two_ranks_equals_one_process(saved):
+    # Long-context post-hoc analysis: both ranks read the same batches, each holds 24 of every sequence's 48
+    # positions; every statistic, the per-call qr/ ones too (each call's shards together), equals one process's.
+    from vscale_plugin.testing.distributed import run_deepspeed
+
+    args = ("--model", saved / "model", "--dataset", saved / "corpus.jsonl", "--seq_len", 48, "--batches", 2,
+            "--batch_size", 2)  # fmt: skip
+    single = _analyze(saved, *args, "--out", saved / "one-sp")
+    assert single.returncode == 0, single.stderr[-3000:]
+    run_deepspeed(ANALYZE, *args, "--ds_config", REPO / "ds_configs" / "zero3_sp2.json", "--out", saved / "sp2",
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{saved / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+                       "VSP_CACHE": str(saved / "cache"), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    one = json.loads((saved / "one-sp" / "metrics.json").read_text())
+    sp = json.loads((saved / "sp2" / "metrics.json").read_text())
+    client = MlflowClient(f"sqlite:///{saved / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vscale-plugin-analysis").experiment_id
+    (run,) = client.search_runs([experiment], filter_string="params.sequence_parallel_size = '2'")
+    assert run.data.params["world_size"] == "2"  # it did run under Ulysses, 2 ranks per sequence
+    assert len(one) > 100 and sorted(sp) == sorted(one)
+    assert sp == pytest.approx(one, rel=1e-3, abs=1e-6)

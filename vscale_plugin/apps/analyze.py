@@ -3,7 +3,9 @@ Qwen2.5, Llama-3.1 and GLM-4: one combined gradient over ``--batches`` batches, 
 
 Models come from the hub or a local directory (``vsp.from_pretrained``, V-scale restored), or from a checkpoint of
 ``launchers/pretrain.py`` (its ``--save_dir``). Under the ``deepspeed``/``torchrun`` launchers each rank reads different
-batches and the statistics are combined over ranks; with ``--ds_config`` a ZeRO-3 config partitions large models.
+batches and the statistics are combined over ranks; with ``--ds_config`` a ZeRO-3 config partitions large models, and
+``"sequence_parallel_size": N`` (DeepSpeed Ulysses) measures long contexts: the N ranks of a group read the same
+batches and each holds T / N positions of every sequence, as ``launchers/pretrain.py`` trains them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from vscale_plugin.data.tokenizer import check_fits
 from vscale_plugin.evaluate.models import is_training_checkpoint, load_pretrained, load_training_checkpoint, read_record
 from vscale_plugin.launch.cli import ConfigError, OneLineParser, UsageError, check_model_config, fail
 from vscale_plugin.launch.distributed import exit_after_distributed, rank0_first, run_launcher
-from vscale_plugin.launch.ds_config import fill_ds_config, load_ds_config
+from vscale_plugin.launch.ds_config import (
+    check_sequence_parallel_ranks,
+    fill_ds_config,
+    load_ds_config,
+    sequence_parallel_size,
+    tensor_parallel_size,
+)
 from vscale_plugin.stats import StatsCollector, causal_lm_labels
 
 TABLE = (
@@ -134,16 +142,22 @@ def _defaults_from_run(args: argparse.Namespace) -> None:
 def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, Any]:
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
-    ds_config = None
-    if args.ds_config is not None:
-        ds_config = fill_ds_config(
-            load_ds_config(args.ds_config), micro_batch=args.batch_size, global_batch=args.batch_size * world_size *
-            args.batches, world_size=world_size, grad_clip=1.0, bf16=dtype == torch.bfloat16, pin_memory=gpu,
-        )  # fmt: skip
+    ds_config, sp = None, 1
     if not Path(args.model).exists() and args.model.startswith((".", "/")):
         raise UsageError(f"--model {args.model}: no such directory; give a HF model directory or hub name, or a "
                          "launchers/pretrain.py --save_dir")  # fmt: skip
     _defaults_from_run(args)
+    if args.ds_config is not None:
+        raw = load_ds_config(args.ds_config, sequence_parallel=True)
+        sp = sequence_parallel_size(raw, args.ds_config)
+        check_sequence_parallel_ranks(sp, tensor_parallel_size(raw, args.ds_config), world_size, args.seq_len)
+        if sp > 1 and args.padding != "none":
+            raise UsageError(f"--padding {args.padding} with sequence_parallel_size {sp}: Ulysses drops the attention "
+                             "mask, so pads would be attended to; measure packed windows (--padding none)")  # fmt: skip
+        ds_config = fill_ds_config(
+            raw, micro_batch=args.batch_size, global_batch=args.batch_size * world_size // sp * args.batches,
+            world_size=world_size, grad_clip=1.0, bf16=dtype == torch.bfloat16, pin_memory=gpu,
+        )  # fmt: skip
     # The model first: a directory that is no model must be named as such, not blamed on the tokenizer read from it.
     check_model_config(args.model, "--model", args.seq_len, needs_registry=False, needs_statistics=True)
     spec, tokenizer_dataset = _tokenizer_spec(args)
@@ -155,13 +169,20 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
     )
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     target: Any = model.to(device) if ds_config is None else None
+    shards = None
     if ds_config is not None:
         import deepspeed
 
+        mpu = _ulysses(model, args, sp, world_size, ds_config)
         # engine.backward needs an optimiser (one ZeRO supports); it never steps, so it allocates no state.
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-        target, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    batches = _batches(args, tokenizer, rank, world_size)
+        target, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+        if sp > 1:
+            from vscale_plugin.train.sequence_parallel import SequenceShards
+
+            group = target.seq_parallel_group
+            shards = SequenceShards(group, sp, dist.get_rank(group), target.zero_optimization_stage())
+    batches = _batches(args, tokenizer, rank // sp, world_size // sp)  # an SP group's ranks read the same batches
     collector = StatsCollector(target, every=1)
     with collector.capture(0):
         for index in range(args.batches):
@@ -172,7 +193,10 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
                     f"--dataset {args.dataset} ({args.split}) has fewer than --batches {args.batches} batches of "
                     f"{args.batch_size} x {args.seq_len} tokens per rank; lower them"
                 ) from None
-            loss = target(input_ids=ids, attention_mask=mask, labels=causal_lm_labels(ids, mask)).loss
+            if shards is None:
+                loss = target(input_ids=ids, attention_mask=mask, labels=causal_lm_labels(ids, mask)).loss
+            else:  # this rank's positions of every sequence, the loss combined over the SP group
+                loss = shards.loss(target, ids)
             if ds_config is None:
                 (loss / args.batches).backward()  # the mean gradient over the batches, as accumulation would give
             else:
@@ -180,7 +204,24 @@ def analyze(args: argparse.Namespace, rank: int, world_size: int) -> dict[str, A
                 # so the last batch is marked as the accumulation boundary, where gradients are reduced and read.
                 target.set_gradient_accumulation_boundary(index == args.batches - 1)
                 target.backward(loss)
-    return {"metrics": collector.result(), "profiles": collector.profiles(), "model": model}
+    return {"metrics": collector.result(), "profiles": collector.profiles(), "model": model, "sequence_parallel": sp}
+
+
+def _ulysses(model: torch.nn.Module, args: argparse.Namespace, sp: int, world_size: int, ds_config: dict):
+    """Ulysses in place of the model's attention function (its ``mpu``), after the model checks; None without SP."""
+    if sp == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from vscale_plugin.hf.sequence_parallel import check_sequence_parallel
+
+    try:
+        check_sequence_parallel(model, sp, args.attn_implementation, world_size, ds_config)
+    except ValueError as err:
+        raise ConfigError(f"{err} (sequence_parallel_size in --ds_config, --attn_implementation)") from err
+    return UlyssesSPAttentionHF.register_with_transformers(model, args.attn_implementation, sp,
+                                                           micro_batch_size=args.batch_size, seq_length=args.seq_len,
+                                                           seq_length_is_variable=False)  # fmt: skip
 
 
 def _batches(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
@@ -228,13 +269,13 @@ def _run(args, rank: int, world_size: int) -> int:
     metrics, profiles, model = out["metrics"], out["profiles"], out["model"]
     if rank == 0:
         print(format_table(metrics, model.config.num_hidden_layers), flush=True)
-        _log(args, metrics, profiles, model, world_size)
+        _log(args, metrics, profiles, model, world_size, out["sequence_parallel"])
     if dist.is_initialized():
         dist.barrier()
     return 0
 
 
-def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world_size: int) -> None:
+def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world_size: int, sp: int) -> None:
     from vscale_plugin.tracking import RunLogger, default_tracking_uri
 
     vscale = (getattr(model.config, "vscale", None) or {}).get("mode", "off")
@@ -243,7 +284,7 @@ def _log(args, metrics: dict[str, float], profiles: dict[str, Any], model, world
                        spool_dir=Path(args.out or ".") / "mlflow-spool")  # fmt: skip
     logger.log_params({"model_name": args.model, "dataset": args.dataset, "split": args.split, "padding": args.padding,
                        "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                       "world_size": world_size,
+                       "world_size": world_size, "sequence_parallel_size": sp,
                        "vscale": vscale, "package_version": vscale_plugin.__version__,
                        "model": model.config.to_dict()})  # fmt: skip
     logger.log_metrics(metrics, step=0)
