@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from vscale_plugin.launch.ds_config import (
     sequence_parallel_size,
 )
 from vscale_plugin.testing import metric_history
-from vscale_plugin.testing.distributed import deepspeed_executable, free_port, run_deepspeed, without_launcher_vars
+from vscale_plugin.testing.distributed import deepspeed_executable, free_port, launcher_env, run_deepspeed, run_one_rank
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launchers" / "pretrain.py"
@@ -84,22 +83,11 @@ def test_sp_sizes_that_cannot_split_the_run_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("sp-env")
-    env = without_launcher_vars(os.environ)
-    env.update(
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        HF_HUB_OFFLINE="1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        VSP_CACHE=str(root / "cache"),
-        OMP_NUM_THREADS="1",
-    )
-    return env
+    return launcher_env(tmp_path_factory.mktemp("sp-env"))
 
 
 def _one_rank(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess:
-    """The launcher as plain ``python``: one rank, its own process group."""
-    return subprocess.run([sys.executable, str(LAUNCHER), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return run_one_rank(LAUNCHER, env, *args)
 
 
 def _two_ranks_refused(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess:

@@ -13,7 +13,6 @@ batch over each TP group, so a data path that fed them different batches would f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from vscale_plugin.launch.ds_config import (
     tensor_parallel_size,
 )
 from vscale_plugin.testing import metric_history
-from vscale_plugin.testing.distributed import run_deepspeed, without_launcher_vars
+from vscale_plugin.testing.distributed import launcher_env, run_deepspeed, run_one_rank
 from vscale_plugin.train.checkpoint import resharded_from
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,22 +114,11 @@ def test_other_launchers_refuse_sequence_parallelism_and_tp(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tp-env")
-    env = without_launcher_vars(os.environ)
-    env.update(
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        HF_HUB_OFFLINE="1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        VSP_CACHE=str(root / "cache"),
-        OMP_NUM_THREADS="1",
-    )
-    return env
+    return launcher_env(tmp_path_factory.mktemp("tp-env"))
 
 
 def _one_rank(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess:
-    """The launcher as plain ``python``: one rank, its own process group."""
-    return subprocess.run([sys.executable, str(LAUNCHER), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return run_one_rank(LAUNCHER, env, *args)
 
 
 @pytest.fixture(scope="module")

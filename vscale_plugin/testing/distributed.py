@@ -30,6 +30,26 @@ def without_launcher_vars(env: Mapping[str, str], *also: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in drop}
 
 
+def launcher_env(root: Path) -> dict[str, str]:
+    """The environment of a launcher test: this interpreter's scripts first on PATH (``deepspeed``), offline, MLflow
+    in ``root/mlflow.db``, the data cache in ``root/cache``, one thread per rank, no launcher variables inherited."""
+    env = without_launcher_vars(os.environ)
+    env.update(
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        HF_HUB_OFFLINE="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        VSP_CACHE=str(root / "cache"),
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def run_one_rank(script: str | Path, env: Mapping[str, str], *args: Any, timeout: float = 300):
+    """``script`` as plain ``python``: one rank, its own process group; the CompletedProcess (output captured)."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=dict(env), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it, so parallel runs do not collide)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
